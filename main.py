@@ -1,0 +1,83 @@
+"""Command line for NCSN on MNIST: flags + YAML config -> a read-only namespace -> the runner.
+
+    python main.py --config config.yml --doc mnist               # train into run/logs/mnist
+    python main.py --config config.yml --doc mnist --resume_training
+    python main.py --doc mnist --sample -o samples               # annealed Langevin dynamics
+
+Exit status: 0 on success, 2 for a bad command line or config, 1 for any other error, 128 + signal
+number when training was stopped by SIGINT or SIGTERM (after writing a checkpoint).
+"""
+import argparse
+import logging
+import sys
+
+from schema import ConfigError, load_config
+
+log = logging.getLogger("ncsn")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Noise Conditional Score Networks (Song & Ermon, 2019) on MNIST")
+    p.add_argument("--config", default=None, help="YAML config (default: config.yml; with --sample: the run's own)")
+    p.add_argument("--seed", type=int, default=1234, help="random seed")
+    p.add_argument("--run", default="run", help="output root: logs/<doc>, tensorboard/<doc> under it")
+    p.add_argument("--doc", default="0", help="name of the run (a folder under run/logs)")
+    p.add_argument("--comment", default="", help="free text recorded in the log")
+    p.add_argument("--verbose", default="info", choices=["info", "debug", "warning", "critical"],
+                   help="log level; 'debug' also prints tracebacks")
+    p.add_argument("--resume_training", action="store_true", help="continue the run from its checkpoint.pth")
+    p.add_argument("--sample", "--test", dest="sample", action="store_true",
+                   help="draw samples from the run's checkpoint with annealed Langevin dynamics")
+    p.add_argument("-o", "--image_folder", default="images", help="where --sample writes its outputs")
+    p.add_argument("--overwrite", action="store_true", help="let --sample replace outputs already in -o")
+    args = p.parse_args(argv)
+    if args.doc in ("", ".", "..") or "/" in args.doc or "\\" in args.doc:
+        p.error(f"--doc must be a plain folder name, got {args.doc!r}")
+    return args
+
+
+def setup_logging(level):
+    logger = logging.getLogger("ncsn")
+    logger.setLevel(getattr(logging, level.upper()))
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s - %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    return logger
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    import torch  # imported here so that `--help` and config errors answer at once
+    import runner
+
+    try:
+        config = None
+        if not args.sample or args.config is not None:
+            config = load_config(args.config or "config.yml")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        log.info("device %s, torch %s, seed %d%s", device, torch.__version__, args.seed,
+                 f", comment: {args.comment}" if args.comment else "")
+        r = runner.Runner(args, config, device)
+        return r.sample() if args.sample else r.train()
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    except runner.Interrupted as e:
+        log.warning("%s", e)
+        return 128 + e.signum
+    except runner.NCSNError as e:
+        log.debug("traceback:", exc_info=True)
+        log.error("%s", e)
+        return 1
+    except Exception as e:  # anything unforeseen: one line, traceback with --verbose debug, non-zero exit
+        log.debug("traceback:", exc_info=True)
+        log.error("%s: %s (run with --verbose debug for the traceback)", type(e).__name__, e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

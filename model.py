@@ -1,0 +1,201 @@
+"""The NCSN score network for MNIST: a conditional RefineNet with dilated convolutions.
+
+Song & Ermon (2019), "Generative Modeling by Estimating Gradients of the Data Distribution", section 4.2
+and appendix B.1 (the authors call the class CondRefineNetDilated). The exact layout, with a parameter
+count for every part, is in docs/architecture.md of the shared project docs; `tests/test_model.py`
+checks the total of 7,638,657 parameters at ngf 64 and 10 noise levels.
+
+Every normalisation is conditional on the noise level index y (B,) through CIN++ (appendix B.1):
+for each level an embedding row holds (gamma, alpha, beta).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CondInstanceNormPlus(nn.Module):
+    """Conditional instance normalization++ (appendix B.1, eq. 17 of the paper).
+
+    mu_k: spatial mean of channel k; m, s^2: mean and unbiased variance of the mu_k over channels.
+        z_k = gamma[y, k] * (x_k - mu_k) / sigma_k + beta[y, k] + alpha[y, k] * (mu_k - m) / s
+    with sigma_k the (biased) spatial std of channel k, both std's with eps 1e-5 inside the root.
+    The whole thing is one per-channel affine map of x, so it is computed as x * a + b: one pass for the
+    statistics, one for the output (the same result as InstanceNorm2d followed by the scaling).
+    """
+
+    def __init__(self, num_features, num_classes, eps=1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.embed = nn.Embedding(num_classes, 3 * num_features)  # rows: (gamma | alpha | beta)
+        self.embed.weight.data[:, : 2 * num_features].normal_(1, 0.02)
+        self.embed.weight.data[:, 2 * num_features:].zero_()
+
+    def forward(self, x, y):  # x (B, C, H, W), y (B,) long
+        gamma, alpha, beta = self.embed(y).chunk(3, dim=-1)  # each (B, C)
+        var, mu = torch.var_mean(x, dim=(2, 3), correction=0)  # (B, C) spatial stats, in x's dtype
+        m = mu.mean(dim=-1, keepdim=True)  # (B, 1)
+        v = mu.var(dim=-1, keepdim=True)  # (B, 1), unbiased as in the authors' code
+        mu_hat = (mu - m) / torch.sqrt(v + self.eps)  # (B, C)
+        inv_std = torch.rsqrt(var + self.eps)  # (B, C)
+        scale = gamma * inv_std  # (B, C)
+        shift = beta + gamma * (alpha * mu_hat - mu * inv_std)  # (B, C)
+        return torch.addcmul(shift[..., None, None], x, scale[..., None, None])  # (B, C, H, W)
+
+
+def conv3x3(c_in, c_out, bias=True, dilation=1):
+    return nn.Conv2d(c_in, c_out, 3, padding=dilation, dilation=dilation, bias=bias)
+
+
+class ConvMeanPool(nn.Module):
+    """A convolution followed by 2x2 mean pooling (halves H and W)."""
+
+    def __init__(self, c_in, c_out, kernel_size):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x):
+        return F.avg_pool2d(self.conv(x), 2)
+
+
+class CondResBlock(nn.Module):
+    """Pre-activation residual block: CIN++ -> ELU -> conv1 -> CIN++ -> ELU -> conv2, plus a shortcut.
+
+    down=True with no dilation halves the resolution; down=True with a dilation keeps it (the authors'
+    quirk, kept on purpose) but still adds a 3x3 dilated convolution as the shortcut.
+    """
+
+    def __init__(self, c_in, c_out, num_classes, down=False, dilation=None):
+        super().__init__()
+        d = dilation or 1
+        mid = c_in if down else c_out
+        self.norm1 = CondInstanceNormPlus(c_in, num_classes)
+        self.conv1 = conv3x3(c_in, mid, dilation=d)
+        self.norm2 = CondInstanceNormPlus(mid, num_classes)
+        if down and dilation is None:
+            self.conv2 = ConvMeanPool(mid, c_out, 3)
+            self.shortcut = ConvMeanPool(c_in, c_out, 1)
+        else:
+            self.conv2 = conv3x3(mid, c_out, dilation=d)
+            self.shortcut = conv3x3(c_in, c_out, dilation=d) if down else None
+        assert down or c_in == c_out, "a plain block keeps its width"
+
+    def forward(self, x, y):
+        h = self.conv1(F.elu(self.norm1(x, y)))
+        h = self.conv2(F.elu(self.norm2(h, y)))
+        return h + (x if self.shortcut is None else self.shortcut(x))
+
+
+class CondRCU(nn.Module):
+    """Residual conv units: n_blocks times [x += (CIN++ -> ELU -> 3x3 conv, no bias) applied twice]."""
+
+    def __init__(self, c, n_blocks, num_classes, n_stages=2):
+        super().__init__()
+        self.norms = nn.ModuleList([CondInstanceNormPlus(c, num_classes) for _ in range(n_blocks * n_stages)])
+        self.convs = nn.ModuleList([conv3x3(c, c, bias=False) for _ in range(n_blocks * n_stages)])
+        self.n_blocks, self.n_stages = n_blocks, n_stages
+
+    def forward(self, x, y):
+        for b in range(self.n_blocks):
+            h = x
+            for s in range(b * self.n_stages, (b + 1) * self.n_stages):
+                h = self.convs[s](F.elu(self.norms[s](h, y)))
+            x = x + h
+        return x
+
+
+class CondMSF(nn.Module):
+    """Multi-resolution fusion: per input CIN++ -> 3x3 conv to F channels -> bilinear resize; summed."""
+
+    def __init__(self, c_ins, features, num_classes):
+        super().__init__()
+        self.norms = nn.ModuleList([CondInstanceNormPlus(c, num_classes) for c in c_ins])
+        self.convs = nn.ModuleList([conv3x3(c, features) for c in c_ins])
+
+    def forward(self, xs, y, size):
+        out = 0
+        for x, norm, conv in zip(xs, self.norms, self.convs):
+            h = conv(norm(x, y))
+            if tuple(h.shape[-2:]) != tuple(size):  # same size: align_corners=True resize is the identity
+                h = F.interpolate(h, size=size, mode="bilinear", align_corners=True)
+            out = out + h
+        return out
+
+
+class CondCRP(nn.Module):
+    """Chained residual pooling: x = ELU(x); twice: path = conv(avgpool5x5(CIN++(path))); x += path."""
+
+    def __init__(self, features, num_classes, n_stages=2):
+        super().__init__()
+        self.norms = nn.ModuleList([CondInstanceNormPlus(features, num_classes) for _ in range(n_stages)])
+        self.convs = nn.ModuleList([conv3x3(features, features, bias=False) for _ in range(n_stages)])
+
+    def forward(self, x, y):
+        x = F.elu(x)
+        path = x
+        for norm, conv in zip(self.norms, self.convs):
+            path = conv(F.avg_pool2d(norm(path, y), 5, stride=1, padding=2))
+            x = x + path
+        return x
+
+
+class CondRefineBlock(nn.Module):
+    """RefineNet block: adapt each input (RCU x2), fuse (MSF) if several, CRP, output RCU (x3 at the end)."""
+
+    def __init__(self, c_ins, features, num_classes, end=False):
+        super().__init__()
+        self.adapt = nn.ModuleList([CondRCU(c, 2, num_classes) for c in c_ins])
+        self.msf = CondMSF(c_ins, features, num_classes) if len(c_ins) > 1 else None
+        self.crp = CondCRP(features, num_classes)
+        self.out = CondRCU(features, 3 if end else 1, num_classes)
+
+    def forward(self, xs, y, size):
+        hs = [adapt(x, y) for adapt, x in zip(self.adapt, xs)]
+        h = hs[0] if self.msf is None else self.msf(hs, y, size)
+        return self.out(self.crp(h, y), y)
+
+
+class CondRefineNetDilated(nn.Module):
+    """Score network s_theta(x, sigma_i), conditioned on the noise level index i (section 4.2).
+
+    forward(x, y): x (B, channels, H, W) in [0, 1] (or logit space), y (B,) level indices in [0, L).
+    Returns the estimated score, same shape as x. The output is not divided by sigma (v1 network).
+    """
+
+    def __init__(self, ngf=64, num_classes=10, channels=1, logit_transform=False):
+        super().__init__()
+        C, L = ngf, num_classes
+        self.logit_transform = logit_transform
+        self.begin_conv = nn.Conv2d(channels, C, 3, padding=1)
+        self.res1 = nn.ModuleList([CondResBlock(C, C, L), CondResBlock(C, C, L)])  # 28x28
+        self.res2 = nn.ModuleList([CondResBlock(C, 2 * C, L, down=True), CondResBlock(2 * C, 2 * C, L)])  # 14x14
+        self.res3 = nn.ModuleList([CondResBlock(2 * C, 2 * C, L, down=True, dilation=2),
+                                   CondResBlock(2 * C, 2 * C, L, dilation=2)])  # 14x14
+        self.res4 = nn.ModuleList([CondResBlock(2 * C, 2 * C, L, down=True, dilation=4),
+                                   CondResBlock(2 * C, 2 * C, L, dilation=4)])  # 14x14
+        self.refine1 = CondRefineBlock([2 * C], 2 * C, L)
+        self.refine2 = CondRefineBlock([2 * C, 2 * C], 2 * C, L)
+        self.refine3 = CondRefineBlock([2 * C, 2 * C], C, L)
+        self.refine4 = CondRefineBlock([C, C], C, L, end=True)
+        self.end_norm = CondInstanceNormPlus(C, L)
+        self.end_conv = nn.Conv2d(C, channels, 3, padding=1)
+
+    @staticmethod
+    def _stage(blocks, x, y):
+        for block in blocks:
+            x = block(x, y)
+        return x
+
+    def forward(self, x, y):  # x (B, 1, 28, 28), y (B,)
+        if not self.logit_transform:
+            x = 2 * x - 1
+        h = self.begin_conv(x)  # (B, C, 28, 28)
+        layer1 = self._stage(self.res1, h, y)  # (B, C, 28, 28)
+        layer2 = self._stage(self.res2, layer1, y)  # (B, 2C, 14, 14)
+        layer3 = self._stage(self.res3, layer2, y)  # (B, 2C, 14, 14)
+        layer4 = self._stage(self.res4, layer3, y)  # (B, 2C, 14, 14)
+        ref1 = self.refine1([layer4], y, layer4.shape[-2:])  # (B, 2C, 14, 14)
+        ref2 = self.refine2([layer3, ref1], y, layer3.shape[-2:])  # (B, 2C, 14, 14)
+        ref3 = self.refine3([layer2, ref2], y, layer2.shape[-2:])  # (B, C, 14, 14)
+        out = self.refine4([layer1, ref3], y, layer1.shape[-2:])  # (B, C, 28, 28)
+        return self.end_conv(F.elu(self.end_norm(out, y)))  # (B, 1, 28, 28)

@@ -1,0 +1,524 @@
+"""Data, denoising score matching, checkpoints and annealed Langevin dynamics for NCSN on MNIST.
+
+The two pure functions of the method come first: `dsm_loss` (eq. 5 and 6 of Song & Ermon, 2019) and
+`anneal_langevin_dynamics` (their Algorithm 1). `Runner` wires them to MNIST, the optimiser, TensorBoard
+and checkpoints. A checkpoint is one dict with named keys and holds only tensors and plain values, so it
+loads with torch.load(weights_only=True).
+"""
+import logging
+import math
+import os
+import signal
+import struct
+import time
+
+import numpy as np
+import torch
+import yaml
+
+from model import CondRefineNetDilated
+from schema import ConfigError, config_from_dict, config_to_dict
+
+log = logging.getLogger("ncsn")
+
+CHECKPOINT_FORMAT = 1
+MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte"]
+# Keys a resumed run may change; any other difference to the checkpoint's config is an error.
+RESUMABLE_CHANGES = {"training.n_epochs", "training.n_iters", "training.snapshot_freq", "training.test_freq",
+                     "training.log_freq", "training.keep_snapshots", "data.root"}
+
+
+class NCSNError(RuntimeError):
+    """An error the user can act on; main.py prints its one-line message and exits 1."""
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after writing a checkpoint; main.py exits 128 + signum."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The method
+
+def get_sigmas(sigma_begin, sigma_end, num_classes):
+    """The noise levels {sigma_i}: a geometric sequence from sigma_1 = sigma_begin to sigma_L = sigma_end."""
+    return torch.tensor(np.exp(np.linspace(np.log(sigma_begin), np.log(sigma_end), num_classes)),
+                        dtype=torch.float32)  # (L,)
+
+
+def logit_transform(x, lam=1e-6):
+    """Map [0, 1] to the real line: logit(lam + (1 - 2 lam) x)."""
+    x = lam + (1 - 2 * lam) * x
+    return torch.log(x) - torch.log1p(-x)
+
+
+def dsm_loss(score_fn, x, sigmas, generator=None, labels=None, anneal_power=2.0):
+    """Denoising score matching loss per sample, eq. (5) and (6) of the paper.
+
+    For each sample a level i ~ U{0..L-1} (unless `labels` is given) and z ~ N(0, I):
+        x~ = x + sigma_i z,    l_i = 1/2 ||s(x~, i) + z / sigma_i||^2 * sigma_i ** anneal_power
+    (the target -(x~ - x) / sigma_i^2 is -z / sigma_i). Returns (loss (B,), labels (B,)); the training
+    objective is loss.mean(). Randomness comes only from `generator`.
+    """
+    if labels is None:
+        labels = torch.randint(len(sigmas), (x.shape[0],), generator=generator, device=x.device)  # (B,)
+    sigma = sigmas.to(x.device)[labels].view(-1, *([1] * (x.dim() - 1)))  # (B, 1, 1, 1)
+    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # (B, 1, 28, 28)
+    x_tilde = x + sigma * z
+    score = score_fn(x_tilde, labels).float()  # (B, 1, 28, 28)
+    loss = 0.5 * ((score + z / sigma) ** 2).flatten(1).sum(1) * sigma.flatten() ** anneal_power  # (B,)
+    return loss, labels
+
+
+def anneal_langevin_dynamics(score_fn, x, sigmas, n_steps_each, step_lr, generator=None, callback=None):
+    """Annealed Langevin dynamics, Algorithm 1 of the paper.
+
+    for i = 1..L:  alpha_i = step_lr * sigma_i^2 / sigma_L^2
+        repeat n_steps_each times:  x <- x + alpha_i s(x, i) + sqrt(2 alpha_i) z,  z ~ N(0, I)
+    score_fn(x, labels) -> score of the same shape; x is the start (e.g. U[0, 1] noise, (B, 1, 28, 28)).
+    callback(i, t, x) is called after every step (level i, step t) for diagnostics. Returns the final x.
+    """
+    sigmas = [float(s) for s in sigmas]
+    with torch.inference_mode():
+        for i, sigma in enumerate(sigmas):
+            labels = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)  # (B,)
+            alpha = step_lr * (sigma / sigmas[-1]) ** 2
+            for t in range(n_steps_each):
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = x + alpha * score_fn(x, labels).to(x.dtype) + math.sqrt(2 * alpha) * z
+                if callback is not None:
+                    callback(i, t, x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+def load_mnist(root, train, download=True):
+    """MNIST images as one uint8 tensor (N, 28, 28), read by torchvision from <root>/MNIST/raw."""
+    import torchvision  # slow to import; only the paths that read data need it
+
+    raw = os.path.join(root, "MNIST", "raw")
+    missing = [f for f in MNIST_FILES if not os.path.isfile(os.path.join(raw, f))]
+    if missing and download:
+        log.info("MNIST not found in %s: downloading it", raw)
+    try:
+        ds = torchvision.datasets.MNIST(root, train=train, download=bool(missing) and download)
+    except (RuntimeError, OSError) as e:
+        if any(not os.path.isfile(os.path.join(raw, f)) for f in MNIST_FILES):
+            raise NCSNError(f"MNIST is missing from {raw} and could not be downloaded ({e}); offline, put the "
+                            f"four files {', '.join(MNIST_FILES)} (or their .gz) there") from e
+        raise NCSNError(f"cannot read MNIST in {raw}: {e}") from e
+    except (AssertionError, ValueError, IndexError) as e:
+        raise NCSNError(f"an MNIST file in {raw} is truncated or corrupt ({type(e).__name__}: {e}); "
+                        f"delete it to download it again, or copy it afresh") from e
+    data = ds.data
+    if data.dtype != torch.uint8 or data.dim() != 3 or tuple(data.shape[1:]) != (28, 28) or len(data) == 0:
+        raise NCSNError(f"MNIST in {raw} has images of shape {tuple(data.shape)}, expected (N, 28, 28) uint8")
+    return data  # (N, 28, 28) uint8
+
+
+def dequantize(x_u8, generator):
+    """Uniform dequantization: x = (255 x + u) / 256 with x in [0, 1], u ~ U[0, 1) (i.e. (k + u) / 256)."""
+    x = x_u8.unsqueeze(1).float()  # (B, 1, 28, 28)
+    return (x + torch.rand(x.shape, generator=generator, device=x.device)) / 256.0
+
+
+def epoch_permutation(seed, epoch, n):
+    """The order of the training set in `epoch`: a function of (seed, epoch) only, so resume needs no state."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2 ** 63))
+    return torch.randperm(n, generator=g)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+def atomic_torch_save(obj, path):
+    """Write `obj` to `path` so that `path` is always either the old or the complete new file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Read a checkpoint dict with weights_only=True onto `device`; a one-line NCSNError if unreadable."""
+    if not os.path.isfile(path):
+        raise NCSNError(f"no checkpoint at {path}: train this run first (without --resume_training)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises several types for a truncated or foreign file
+        raise NCSNError(f"checkpoint {path} is truncated or not a checkpoint of this code "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise NCSNError(f"checkpoint {path} is not a checkpoint of this code (no 'format': {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+def config_differences(old, new):
+    """Dotted keys whose values differ between two config dicts."""
+    return sorted(f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k])
+
+
+def make_model(config):
+    return CondRefineNetDilated(ngf=config.model.ngf, num_classes=config.model.num_classes,
+                                channels=config.data.channels, logit_transform=config.data.logit_transform)
+
+
+def load_model_state(model, state, path):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise NCSNError(f"checkpoint {path} holds a different architecture: "
+                        f"{str(e).splitlines()[0]}") from e
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TensorBoard scalars
+
+def read_scalars(tb_dir):
+    """All scalars in the TensorBoard event files of `tb_dir`: {tag: {step: value}} (later files win)."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    files = sorted(f for f in os.listdir(tb_dir) if "tfevents" in f) if os.path.isdir(tb_dir) else []
+    for name in files:
+        with open(os.path.join(tb_dir, name), "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos + 12 <= len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            if pos + 16 + n > len(data):
+                break  # a record cut off by a crash
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 16 + n
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+class Runner:
+    """Training and sampling for one run: outputs in <run>/logs/<doc> and <run>/tensorboard/<doc>."""
+
+    def __init__(self, args, config, device):
+        self.args = args
+        self.config = config  # schema.Config (read-only); None when --sample uses the run's own
+        self.device = torch.device(device)
+        self.log_dir = os.path.join(args.run, "logs", args.doc)
+        self.tb_dir = os.path.join(args.run, "tensorboard", args.doc)
+        self.ckpt_path = os.path.join(self.log_dir, "checkpoint.pth")
+        self._signal = None
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def checkpoint(self, model, optimizer, generator, step, steps_per_epoch, seed):
+        epoch, batch = divmod(step, steps_per_epoch)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,  # the last completed step; training goes on at step + 1
+            "epoch": epoch,  # the epoch of the next batch ...
+            "batch_in_epoch": batch,  # ... and its position inside that epoch
+            "config": config_to_dict(self.config),
+            "seed": seed,
+            "rng": {"generator": generator.get_state(), "generator_device": generator.device.type,
+                    "torch_cpu": torch.get_rng_state()},
+        }
+
+    def save(self, state, numbered):
+        step = state["step"]
+        if numbered:
+            path = os.path.join(self.log_dir, f"checkpoint_{step}.pth")
+            atomic_torch_save(state, path)
+            tmp = f"{self.ckpt_path}.tmp.{os.getpid()}"
+            try:  # checkpoint.pth as a hard link to the same bytes, swapped in atomically
+                os.link(path, tmp)
+                os.replace(tmp, self.ckpt_path)
+            except OSError:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                atomic_torch_save(state, self.ckpt_path)
+            self._prune_snapshots()
+        else:
+            atomic_torch_save(state, self.ckpt_path)
+        log.info("step %d: saved %s", step, f"checkpoint_{step}.pth and checkpoint.pth" if numbered
+                 else "checkpoint.pth")
+
+    def _prune_snapshots(self):
+        keep = self.config.training.keep_snapshots
+        if keep <= 0:
+            return
+        steps = sorted(int(f[len("checkpoint_"):-len(".pth")]) for f in os.listdir(self.log_dir)
+                       if f.startswith("checkpoint_") and f.endswith(".pth") and f[11:-4].isdigit())
+        for s in steps[:-keep]:
+            os.remove(os.path.join(self.log_dir, f"checkpoint_{s}.pth"))
+
+    def _check_resumable(self, ckpt):
+        old, new = ckpt["config"], config_to_dict(self.config)
+        arch = [k for k in ("model.ngf", "model.num_classes", "data.channels", "data.image_size")
+                if old.get(k.split(".")[0], {}).get(k.split(".")[1]) != new[k.split(".")[0]][k.split(".")[1]]]
+        if arch:
+            k = arch[0]
+            s, f = k.split(".")
+            raise NCSNError(f"checkpoint {self.ckpt_path} is of a different architecture: it has {k} = "
+                            f"{old.get(s, {}).get(f)!r}, the config asks for {new[s][f]!r}")
+        changed = [k for k in config_differences(old, new) if k not in RESUMABLE_CHANGES]
+        if changed:
+            raise NCSNError(f"the config differs from the checkpoint's in {', '.join(changed)}: resuming needs "
+                            f"the same settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+        for k in config_differences(old, new):
+            log.info("resuming with %s changed", k)
+
+    # -- training -----------------------------------------------------------------------------------------
+    def train(self):
+        cfg, args, device = self.config, self.args, self.device
+        tcfg = cfg.training
+        resume = args.resume_training
+        if not resume and (os.path.exists(self.log_dir) or os.path.exists(self.tb_dir)):
+            raise NCSNError(f"run folder {self.log_dir} already exists: pick another --doc, or pass "
+                            f"--resume_training to continue it")
+        ckpt = None
+        if resume:
+            ckpt = load_checkpoint(self.ckpt_path, device)
+            self._check_resumable(ckpt)
+        seed = ckpt["seed"] if ckpt else args.seed
+        if ckpt and seed != args.seed:
+            log.info("resuming with the run's seed %d (not --seed %d)", seed, args.seed)
+
+        train_u8 = load_mnist(cfg.data.root, train=True).to(device)  # (N, 28, 28) uint8
+        test_u8 = load_mnist(cfg.data.root, train=False).to(device)  # (N_test, 28, 28) uint8
+        n, bs = len(train_u8), tcfg.batch_size
+        steps_per_epoch = math.ceil(n / bs)
+        n_total = min(tcfg.n_iters, tcfg.n_epochs * steps_per_epoch)
+
+        torch.manual_seed(seed)
+        model = make_model(cfg).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, 0.999),
+                                     weight_decay=cfg.optim.weight_decay, amsgrad=cfg.optim.amsgrad)
+        generator = torch.Generator(device).manual_seed(seed)
+        sigmas = get_sigmas(cfg.model.sigma_begin, cfg.model.sigma_end, cfg.model.num_classes).to(device)
+        start = self.load_state(ckpt, model, optimizer, generator)
+        if start >= n_total:
+            raise NCSNError(f"the checkpoint is at step {start} and the config ends at step {n_total}: "
+                            f"raise training.n_iters (or n_epochs) to train further")
+
+        self._make_run_folders()
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(self.tb_dir)
+        log.info("%s at step %d of %d (%d steps an epoch of %d images, batch %d); %d parameters",
+                 "resuming" if start else "training", start + 1, n_total, steps_per_epoch, n, bs,
+                 sum(p.numel() for p in model.parameters()))
+
+        to_model = logit_transform if cfg.data.logit_transform else (lambda x: x)  # data space of the model
+        score_fn = model
+
+        from tqdm import tqdm
+        bar = tqdm(total=n_total, initial=start, disable=None, dynamic_ncols=True, desc="train")
+        window = []  # (step, per-sample loss, labels) on the device, read back every log_freq steps
+        perm, perm_epoch = None, None
+        old_handlers = self._catch_signals()
+        try:
+            for step in range(start + 1, n_total + 1):
+                epoch, i = divmod(step - 1, steps_per_epoch)
+                if perm_epoch != epoch:
+                    perm, perm_epoch = epoch_permutation(seed, epoch, n).to(device), epoch
+                x = to_model(dequantize(train_u8[perm[i * bs:(i + 1) * bs]], generator))  # (B, 1, 28, 28)
+                model.train()
+                loss, labels = dsm_loss(score_fn, x, sigmas, generator, anneal_power=tcfg.anneal_power)
+                optimizer.zero_grad(set_to_none=True)
+                loss.mean().backward()
+                optimizer.step()
+                window.append((step, loss.detach(), labels))
+
+                snapshot = step % tcfg.snapshot_freq == 0 or step == n_total
+                if step % tcfg.log_freq == 0 or step % tcfg.test_freq == 0 or snapshot or self._signal:
+                    last = self._flush(window, writer, sigmas)
+                    window = []
+                    bar.set_postfix(loss=f"{last:.4f}", refresh=False)
+                    bar.update(step - bar.n)
+                if step % tcfg.test_freq == 0:
+                    test_loss = self.test_loss(score_fn, to_model, test_u8, sigmas, seed, step)
+                    writer.add_scalar("test_loss", test_loss, step)
+                    log.info("step %d: loss %.4f, test loss %.4f", step, last, test_loss)
+                if snapshot or self._signal:
+                    writer.flush()
+                    self.save(self.checkpoint(model, optimizer, generator, step, steps_per_epoch, seed),
+                              numbered=snapshot)
+                if self._signal:
+                    signame = signal.Signals(self._signal).name
+                    raise Interrupted(self._signal, f"{signame} at step {step}: checkpoint written, continue "
+                                                    f"with --resume_training --doc {args.doc}")
+        finally:
+            self._restore_signals(old_handlers)
+            bar.close()
+            writer.close()
+        log.info("done: %d steps, checkpoint in %s", n_total, self.ckpt_path)
+        return 0
+
+    def load_state(self, ckpt, model, optimizer, generator):
+        """Restore model, optimizer and RNG from `ckpt` (None for a fresh start); returns the last done step."""
+        if ckpt is None:
+            return 0
+        load_model_state(model, ckpt["model"], self.ckpt_path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch_cpu"].cpu())
+        if rng["generator_device"] == generator.device.type:
+            generator.set_state(rng["generator"].cpu())
+        else:  # a CPU and a CUDA generator have different states: continue with a derived stream
+            generator.manual_seed(ckpt["seed"] * 1_000_003 + ckpt["step"])
+            log.warning("checkpoint made on %s, resumed on %s: the random stream differs from an unbroken run",
+                        rng["generator_device"], generator.device.type)
+        return ckpt["step"]
+
+    def _flush(self, window, writer, sigmas):
+        """Read the window's losses back from the device, stop on a non-finite one, log them to TensorBoard."""
+        losses = torch.stack([loss for _, loss, _ in window]).cpu()  # (W, B)
+        bad = ~torch.isfinite(losses)
+        if bad.any():
+            w = int(bad.any(dim=1).nonzero()[0])
+            step, _, labels = window[w]
+            levels = sorted(set(labels.cpu()[bad[w]].tolist()))
+            raise NCSNError(f"non-finite loss at step {step} at noise level(s) "
+                            f"{', '.join(f'{i} (sigma {float(sigmas[i]):.4g})' for i in levels)}: stopped; "
+                            f"the last good checkpoint is kept")
+        means = losses.mean(dim=1)
+        for (step, _, _), value in zip(window, means.tolist()):
+            writer.add_scalar("loss", value, step)
+        log.debug("step %d: loss %.5f", window[-1][0], means[-1])
+        return float(means[-1])
+
+    def test_loss(self, score_fn, to_model, test_u8, sigmas, seed, step):
+        """DSM loss on a test batch; its randomness is a function of (seed, step), so resume needs no state."""
+        g = torch.Generator(self.device).manual_seed((seed * 7_919 + step) % (2 ** 63))
+        idx = torch.randint(len(test_u8), (self.config.training.batch_size,), generator=g, device=self.device)
+        with torch.no_grad():
+            loss, _ = dsm_loss(score_fn, to_model(dequantize(test_u8[idx], g)), sigmas, g,
+                               anneal_power=self.config.training.anneal_power)
+        return float(loss.mean())
+
+    def _make_run_folders(self):
+        try:
+            for d in (self.log_dir, self.tb_dir):
+                os.makedirs(d, exist_ok=True)
+            probe = os.path.join(self.log_dir, f".write_test.{os.getpid()}")
+            open(probe, "w").close()
+            os.remove(probe)
+            with open(os.path.join(self.log_dir, "config.yml"), "w") as f:
+                yaml.safe_dump(config_to_dict(self.config), f, sort_keys=False)
+        except OSError as e:
+            raise NCSNError(f"cannot write the run folder {self.log_dir}: {e.strerror}") from e
+        handler = logging.FileHandler(os.path.join(self.log_dir, "stdout.txt"))
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s - %(message)s"))
+        log.addHandler(handler)
+        log.info("run %s: %s", self.args.doc, " ".join(f"{k}={v}" for k, v in vars(self.args).items()))
+
+    def _catch_signals(self):
+        def handler(signum, frame):
+            if self._signal is None:
+                log.warning("%s received: stopping after this step", signal.Signals(signum).name)
+            self._signal = signum
+
+        try:
+            return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: leave signals alone
+            return {}
+
+    @staticmethod
+    def _restore_signals(old):
+        for s, h in old.items():
+            signal.signal(s, h)
+
+    # -- sampling -----------------------------------------------------------------------------------------
+    def sample(self):
+        """Annealed Langevin dynamics from U[0, 1] noise with the run's checkpoint; writes into -o:
+        samples.png (grid), samples.pt (raw final tensor) and movie.gif (the trajectory)."""
+        args, device = self.args, self.device
+        ckpt = load_checkpoint(self.ckpt_path, device)
+        try:
+            run_cfg = config_from_dict(ckpt["config"], source=f"config in {self.ckpt_path}")
+        except ConfigError as e:
+            raise NCSNError(str(e)) from e
+        scfg = self.config.sampling if self.config is not None else run_cfg.sampling
+        if self.config is not None:
+            log.info("sampling settings from --config %s; the model's from the checkpoint", args.config)
+        model = make_model(run_cfg).to(device)
+        load_model_state(model, ckpt["model"], self.ckpt_path)
+        model.eval()
+
+        out = args.image_folder
+        names = {k: os.path.join(out, k) for k in ("samples.png", "samples.pt", "movie.gif")}
+        present = [p for p in names.values() if os.path.exists(p)]
+        if present and not args.overwrite:
+            raise NCSNError(f"{', '.join(present)} already exist: choose another -o or pass --overwrite")
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise NCSNError(f"cannot create the image folder {out}: {e.strerror}") from e
+        if not os.access(out, os.W_OK):
+            raise NCSNError(f"the image folder {out} is not writable")
+
+        sigmas = get_sigmas(run_cfg.model.sigma_begin, run_cfg.model.sigma_end, run_cfg.model.num_classes)
+        generator = torch.Generator(device).manual_seed(args.seed)
+        total = len(sigmas) * scfg.n_steps_each
+        every = max(1, total // scfg.n_frames)
+        n_grid = min(scfg.n_samples, scfg.batch_size, 100)
+        frames, counter = [], [0]
+        to_image = torch.sigmoid if run_cfg.data.logit_transform else (lambda x: x)
+
+        def record(i, t, x):  # every `every`-th step of the first batch becomes a movie frame
+            counter[0] += 1
+            if counter[0] % every == 0 or counter[0] == total:
+                frames.append(to_image(x[:n_grid]).clamp(0, 1).cpu())
+
+        score_fn = model
+
+        log.info("sampling %d images: %d levels x %d steps, step_lr %g, seed %d", scfg.n_samples, len(sigmas),
+                 scfg.n_steps_each, scfg.step_lr, args.seed)
+        t0, batches = time.time(), []
+        for b in range(0, scfg.n_samples, scfg.batch_size):
+            m = min(scfg.batch_size, scfg.n_samples - b)
+            x0 = torch.rand(m, run_cfg.data.channels, run_cfg.data.image_size, run_cfg.data.image_size,
+                            generator=generator, device=device)  # (m, 1, 28, 28) ~ U[0, 1]
+            if run_cfg.data.logit_transform:
+                x0 = logit_transform(x0)
+            batches.append(anneal_langevin_dynamics(score_fn, x0, sigmas, scfg.n_steps_each, scfg.step_lr,
+                                                    generator, callback=record if b == 0 else None).cpu())
+        samples = torch.cat(batches)  # (n_samples, 1, 28, 28), raw (not clamped)
+        log.info("sampled in %.1f s", time.time() - t0)
+        write_samples(samples, frames, names, to_image)
+        log.info("wrote %s", ", ".join(names.values()))
+        return 0
+
+
+def write_samples(samples, frames, names, to_image):
+    """The grid PNG, the raw tensor and the GIF of the trajectory frames."""
+    from PIL import Image
+    from torchvision.utils import make_grid, save_image
+
+    images = to_image(samples).clamp(0, 1)
+    save_image(images, names["samples.png"], nrow=math.ceil(math.sqrt(len(images))), padding=2)
+    atomic_torch_save(samples, names["samples.pt"])
+    nrow = math.ceil(math.sqrt(len(frames[0])))
+    pil = [Image.fromarray(make_grid(f, nrow=nrow, padding=2)[0].mul(255).round().byte().numpy(), mode="L")
+           for f in frames]
+    pil[0].save(names["movie.gif"], save_all=True, append_images=pil[1:], duration=[60] * (len(pil) - 1) + [2000],
+                loop=0)

@@ -1,0 +1,176 @@
+"""The config schema of NCSN-MNIST: one frozen dataclass per YAML section, validated once.
+
+`load_config(path)` reads config.yml with yaml.safe_load and returns a read-only `Config`; any unknown,
+missing, wrongly typed or out-of-range key raises `ConfigError` with a one-line message naming the key.
+`config_to_dict` gives the plain nested dict written to run/logs/<doc>/config.yml and into checkpoints.
+"""
+import dataclasses
+import math
+import typing
+
+import yaml
+
+# Every key of config.yml is a field here; keys without a default must be in the YAML.
+# Section and key names are the ones of the authors' configs. Instances are frozen (read-only).
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    batch_size: int  # images per optimisation step
+    n_epochs: int  # stop after this many passes over the training set ...
+    n_iters: int  # ... or this many steps, whichever comes first (10 epochs of MNIST at 128 = 4,690 steps)
+    snapshot_freq: int  # write checkpoint_<step>.pth every this many steps
+    test_freq: int = 100  # DSM loss on a test batch every this many steps
+    log_freq: int = 10  # read the training loss back from the device every this many steps
+    keep_snapshots: int = 0  # keep only the newest k checkpoint_<step>.pth; 0 keeps all
+    anneal_power: float = 2.0  # lambda(sigma) = sigma ** anneal_power weights each level (eq. 6)
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    dataset: str  # only MNIST
+    image_size: int  # 28
+    channels: int  # 1
+    logit_transform: bool  # model the data in logit space instead of [0, 1]
+    root: str = "run/datasets"  # torchvision.datasets.MNIST root: files in <root>/MNIST/raw
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    sigma_begin: float  # largest noise level sigma_1
+    sigma_end: float  # smallest noise level sigma_L
+    num_classes: int  # L, the number of noise levels (geometric between the two)
+    ngf: int  # base width of the RefineNet (64 in the paper)
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+    optimizer: str  # only Adam
+    lr: float  # learning rate
+    beta1: float  # Adam beta1 (beta2 is 0.999)
+    weight_decay: float  # L2 penalty
+    amsgrad: bool  # AMSGrad variant of Adam
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    n_steps_each: int  # T, Langevin steps per noise level (Algorithm 1)
+    step_lr: float  # epsilon: the step at level i is epsilon * sigma_i^2 / sigma_L^2
+    n_samples: int = 100  # images drawn by --sample (shown as a square-ish grid)
+    batch_size: int = 100  # images per sampling batch
+    n_frames: int = 100  # frames of movie.gif along the trajectory
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    training: Training
+    data: Data
+    model: Model
+    optim: Optim
+    sampling: Sampling
+
+
+RULES = [  # (key, test, what it must be): checked once, after the types
+    ("training.batch_size", lambda v: v >= 1, ">= 1"),
+    ("training.n_epochs", lambda v: v >= 1, ">= 1"),
+    ("training.n_iters", lambda v: v >= 1, ">= 1"),
+    ("training.snapshot_freq", lambda v: v >= 1, ">= 1"),
+    ("training.test_freq", lambda v: v >= 1, ">= 1"),
+    ("training.log_freq", lambda v: v >= 1, ">= 1"),
+    ("training.keep_snapshots", lambda v: v >= 0, ">= 0 (0 keeps all)"),
+    ("data.dataset", lambda v: v == "MNIST", "MNIST"),
+    ("data.image_size", lambda v: v == 28, "28 (MNIST)"),
+    ("data.channels", lambda v: v == 1, "1 (MNIST)"),
+    ("model.sigma_end", lambda v: v > 0, "> 0"),
+    ("model.sigma_begin", lambda v: v > 0, "> 0"),
+    ("model.num_classes", lambda v: v >= 1, ">= 1"),
+    ("model.ngf", lambda v: v >= 1, ">= 1"),
+    ("optim.optimizer", lambda v: v == "Adam", "Adam"),
+    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("sampling.n_steps_each", lambda v: v >= 1, ">= 1"),
+    ("sampling.step_lr", lambda v: v > 0, "> 0"),
+    ("sampling.n_samples", lambda v: v >= 1, ">= 1"),
+    ("sampling.batch_size", lambda v: v >= 1, ">= 1"),
+    ("sampling.n_frames", lambda v: v >= 1, ">= 1"),
+]
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key. Exit status 2."""
+
+
+def _check_value(key, value, typ):
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # YAML `1` for a float key is fine
+    if typ is float and isinstance(value, str):
+        try:
+            float(value)
+            hint = " (YAML 1.1 reads 2e-5 as text: write 2.0e-5 or 0.00002)"
+        except ValueError:
+            hint = ""
+        raise ConfigError(f"config key {key}: expected a number, got the text {value!r}{hint}")
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    if typ is float and not math.isfinite(value):
+        raise ConfigError(f"config key {key}: expected a finite number, got {value!r}")
+    return value
+
+
+def config_from_dict(raw, source="config"):
+    """Validate a nested dict (as yaml.safe_load gives) and build the frozen Config. Raises ConfigError."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    sections = {}
+    types = typing.get_type_hints(Config)
+    for key in raw:
+        if key not in types:
+            raise ConfigError(f"{source}: unknown section {key!r} (known: {', '.join(types)})")
+    for name, cls in types.items():
+        if name not in raw:
+            raise ConfigError(f"{source}: missing section {name!r}")
+        values = raw[name]
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping, got {type(values).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        for key in values:
+            if key not in fields:
+                raise ConfigError(f"config key {name}.{key}: unknown key (known: {', '.join(fields)})")
+        kwargs = {}
+        for key, f in fields.items():
+            if key not in values:
+                if f.default is dataclasses.MISSING:
+                    raise ConfigError(f"config key {name}.{key}: missing")
+                continue
+            kwargs[key] = _check_value(f"{name}.{key}", values[key], hints[key])
+        sections[name] = cls(**kwargs)
+    config = Config(**sections)
+    for key, test, want in RULES:
+        section, field = key.split(".")
+        value = getattr(getattr(config, section), field)
+        if not test(value):
+            raise ConfigError(f"config key {key}: must be {want}, got {value!r}")
+    if config.model.sigma_begin <= config.model.sigma_end:
+        raise ConfigError(f"config key model.sigma_begin: must be > model.sigma_end "
+                          f"({config.model.sigma_begin} <= {config.model.sigma_end})")
+    return config
+
+
+def load_config(path):
+    """Read a YAML file with yaml.safe_load and validate it once. Raises ConfigError."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from e
+    return config_from_dict(raw, source=f"config {path}")
+
+
+def config_to_dict(config):
+    """Plain nested dict of builtins: what config.yml and the checkpoint hold."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,82 @@
+"""Shared helpers: tiny MNIST-format files written by the tests, tiny configs, and running main.py."""
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def write_idx(path, array):
+    """Write a uint8 array in LeCun's IDX format (magic 0x0000080N, big-endian dims)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    with open(path, "wb") as f:
+        f.write(struct.pack(">I", 0x800 + array.ndim))
+        f.write(struct.pack(">" + "I" * array.ndim, *array.shape))
+        f.write(array.tobytes())
+
+
+def write_fake_mnist(root, n_train=64, n_test=32, seed=0):
+    """Blurry random digits-like blobs in <root>/MNIST/raw, read later through torchvision's MNIST."""
+    rng = np.random.default_rng(seed)
+    raw = os.path.join(root, "MNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = np.zeros((n, 28, 28), dtype=np.uint8)
+        for k in range(n):  # a bright rectangle at a random place: structured, not uniform noise
+            r, c = rng.integers(4, 14, size=2)
+            images[k, r:r + 10, c:c + 6] = rng.integers(128, 256)
+        write_idx(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), images)
+        write_idx(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), rng.integers(0, 10, size=n))
+    return root
+
+
+def tiny_config(data_root, **overrides):
+    """A config dict for a model that trains in seconds on the CPU; overrides as {'training.n_iters': 5}."""
+    with open(os.path.join(REPO, "config.yml")) as f:
+        cfg = yaml.safe_load(f)
+    cfg["training"].update(batch_size=8, n_iters=6, snapshot_freq=3, test_freq=2, log_freq=2)
+    cfg["data"]["root"] = str(data_root)
+    cfg["model"].update(ngf=4, num_classes=4)
+    cfg["sampling"].update(n_steps_each=2, n_samples=4, batch_size=4, n_frames=4)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        if value is None:
+            del cfg[section][name]
+        else:
+            cfg[section][name] = value
+    return cfg
+
+
+def write_config(path, cfg):
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return str(path)
+
+
+def run_main(*args, cwd, timeout=300, env=None):
+    """python main.py ARGS in `cwd`, as a user would run it; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def fake_mnist(tmp_path_factory):
+    return write_fake_mnist(str(tmp_path_factory.mktemp("data")))
+
+
+def snapshot_tree(folder):
+    """{relative path: (size, mtime_ns, bytes)} of every file below `folder`, to show nothing changed."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            st = os.stat(p)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, folder)] = (st.st_size, st.st_mtime_ns, f.read())
+    return out
