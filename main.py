@@ -40,8 +40,9 @@ def setup_logging(level):
     logger = logging.getLogger("ncsn")
     logger.setLevel(getattr(logging, level.upper()))
     logger.propagate = False
-    for h in list(logger.handlers):
+    for h in list(logger.handlers):  # a second call in one process (tests) starts afresh
         logger.removeHandler(h)
+        h.close()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s - %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)

@@ -109,12 +109,13 @@ def load_mnist(root, train, download=True):
     try:
         ds = torchvision.datasets.MNIST(root, train=train, download=bool(missing) and download)
     except (RuntimeError, OSError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if any(not os.path.isfile(os.path.join(raw, f)) for f in MNIST_FILES):
-            raise NCSNError(f"MNIST is missing from {raw} and could not be downloaded ({e}); offline, put the "
-                            f"four files {', '.join(MNIST_FILES)} (or their .gz) there") from e
-        raise NCSNError(f"cannot read MNIST in {raw}: {e}") from e
+            raise NCSNError(f"MNIST is missing from {raw} and could not be downloaded ({why.rstrip(':')}); "
+                            f"offline, put the four files {', '.join(MNIST_FILES)} there") from e
+        raise NCSNError(f"cannot read MNIST in {raw}: {why}") from e
     except (AssertionError, ValueError, IndexError) as e:
-        raise NCSNError(f"an MNIST file in {raw} is truncated or corrupt ({type(e).__name__}: {e}); "
+        raise NCSNError(f"an MNIST file in {raw} is truncated or corrupt ({type(e).__name__}); "
                         f"delete it to download it again, or copy it afresh") from e
     data = ds.data
     if data.dtype != torch.uint8 or data.dim() != 3 or tuple(data.shape[1:]) != (28, 28) or len(data) == 0:
@@ -391,20 +392,16 @@ class Runner:
 
     def _flush(self, window, writer, sigmas):
         """Read the window's losses back from the device, stop on a non-finite one, log them to TensorBoard."""
-        losses = torch.stack([loss for _, loss, _ in window]).cpu()  # (W, B)
-        bad = ~torch.isfinite(losses)
-        if bad.any():
-            w = int(bad.any(dim=1).nonzero()[0])
-            step, _, labels = window[w]
-            levels = sorted(set(labels.cpu()[bad[w]].tolist()))
-            raise NCSNError(f"non-finite loss at step {step} at noise level(s) "
-                            f"{', '.join(f'{i} (sigma {float(sigmas[i]):.4g})' for i in levels)}: stopped; "
-                            f"the last good checkpoint is kept")
-        means = losses.mean(dim=1)
-        for (step, _, _), value in zip(window, means.tolist()):
+        means = torch.stack([loss.mean() for _, loss, _ in window]).tolist()  # one device sync for W steps
+        for (step, loss, labels), value in zip(window, means):
+            if not math.isfinite(value):
+                levels = sorted(set(labels[~torch.isfinite(loss)].tolist()))
+                raise NCSNError(f"non-finite loss at step {step} at noise level(s) "
+                                f"{', '.join(f'{i} (sigma {float(sigmas[i]):.4g})' for i in levels)}: stopped; "
+                                f"the last good checkpoint is kept")
             writer.add_scalar("loss", value, step)
         log.debug("step %d: loss %.5f", window[-1][0], means[-1])
-        return float(means[-1])
+        return means[-1]
 
     def test_loss(self, score_fn, to_model, test_u8, sigmas, seed, step):
         """DSM loss on a test batch; its randomness is a function of (seed, step), so resume needs no state."""
@@ -479,14 +476,14 @@ class Runner:
         sigmas = get_sigmas(run_cfg.model.sigma_begin, run_cfg.model.sigma_end, run_cfg.model.num_classes)
         generator = torch.Generator(device).manual_seed(args.seed)
         total = len(sigmas) * scfg.n_steps_each
-        every = max(1, total // scfg.n_frames)
+        frame_steps = set(np.linspace(1, total, min(scfg.n_frames, total)).round().astype(int).tolist())
         n_grid = min(scfg.n_samples, scfg.batch_size, 100)
         frames, counter = [], [0]
         to_image = torch.sigmoid if run_cfg.data.logit_transform else (lambda x: x)
 
-        def record(i, t, x):  # every `every`-th step of the first batch becomes a movie frame
+        def record(i, t, x):  # n_frames evenly spaced steps of the first batch become the movie
             counter[0] += 1
-            if counter[0] % every == 0 or counter[0] == total:
+            if counter[0] in frame_steps:
                 frames.append(to_image(x[:n_grid]).clamp(0, 1).cpu())
 
         score_fn = model

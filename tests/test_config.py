@@ -1,0 +1,81 @@
+"""Config validation: every bad config is a one-line error naming the key, exit status 2, nothing written."""
+import os
+
+import pytest
+import yaml
+
+from conftest import REPO, run_main, snapshot_tree, tiny_config, write_config
+from schema import ConfigError, config_from_dict, config_to_dict, load_config
+
+
+def test_the_shipped_config_has_the_published_settings():
+    c = load_config(os.path.join(REPO, "config.yml"))
+    assert (c.training.batch_size, c.training.n_epochs, c.training.n_iters, c.training.snapshot_freq) == \
+        (128, 10, 200_000, 1000)
+    assert (c.data.dataset, c.data.image_size, c.data.channels, c.data.logit_transform) == ("MNIST", 28, 1, False)
+    assert (c.model.sigma_begin, c.model.sigma_end, c.model.num_classes, c.model.ngf) == (1.0, 0.01, 10, 64)
+    assert (c.optim.optimizer, c.optim.lr, c.optim.beta1, c.optim.weight_decay, c.optim.amsgrad) == \
+        ("Adam", 0.001, 0.9, 0.0, False)
+    assert (c.sampling.n_steps_each, c.sampling.step_lr) == (100, 0.00002)
+
+
+def test_config_is_read_only_and_round_trips_through_yaml():
+    c = load_config(os.path.join(REPO, "config.yml"))
+    with pytest.raises(AttributeError):
+        c.training.batch_size = 3
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(config_to_dict(c)))) == c
+
+
+BAD = [  # (override, words the message must hold)
+    ({"training.ngpu": 1}, "training.ngpu: unknown key"),
+    ({"model.ngf": None}, "model.ngf: missing"),
+    ({"training.batch_size": "128"}, "training.batch_size: expected int"),
+    ({"training.batch_size": 12.5}, "training.batch_size: expected int"),
+    ({"data.logit_transform": "no"}, "data.logit_transform: expected bool"),
+    ({"sampling.step_lr": "2e-5"}, "sampling.step_lr: expected a number"),
+    ({"optim.lr": 0.0}, "optim.lr: must be > 0"),
+    ({"optim.lr": -1.0}, "optim.lr: must be > 0"),
+    ({"training.batch_size": 0}, "training.batch_size: must be >= 1"),
+    ({"model.sigma_begin": 0.01}, "model.sigma_begin: must be > model.sigma_end"),
+    ({"model.num_classes": 0}, "model.num_classes: must be >= 1"),
+    ({"training.snapshot_freq": 0}, "training.snapshot_freq: must be >= 1"),
+    ({"sampling.n_steps_each": 0}, "sampling.n_steps_each: must be >= 1"),
+    ({"data.dataset": "CIFAR10"}, "data.dataset: must be MNIST"),
+]
+
+
+@pytest.mark.parametrize("override,words", BAD, ids=[w.split(":")[0] + ":" + w.split(":")[1][:20] for _, w in BAD])
+def test_bad_values_name_the_key(override, words, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(tiny_config(tmp_path, **override))
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_and_missing_sections(tmp_path):
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(ConfigError, match="unknown section 'extra'"):
+        config_from_dict({**cfg, "extra": {}})
+    del cfg["optim"]
+    with pytest.raises(ConfigError, match="missing section 'optim'"):
+        config_from_dict(cfg)
+
+
+def test_bad_config_on_the_command_line_exits_2_and_leaves_the_run_alone(tmp_path, fake_mnist):
+    good = write_config(tmp_path / "good.yml", tiny_config(fake_mnist, **{"training.n_iters": 2}))
+    assert run_main("--config", good, "--doc", "r", cwd=tmp_path).returncode == 0
+    before = snapshot_tree(tmp_path / "run")
+    cases = {
+        "malformed.yml": "training: [batch_size: 3\n",
+        "unknown.yml": yaml.safe_dump(tiny_config(fake_mnist, **{"model.batch_norm": False})),
+        "range.yml": yaml.safe_dump(tiny_config(fake_mnist, **{"optim.lr": -0.1})),
+    }
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        for extra in ([], ["--resume_training"]):
+            p = run_main("--config", name, "--doc", "r", *extra, cwd=tmp_path)
+            assert p.returncode == 2, (name, p.stderr)
+            errors = [line for line in p.stderr.splitlines() if line.startswith("ERROR")]
+            assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
+    p = run_main("--config", "missing.yml", cwd=tmp_path)
+    assert p.returncode == 2 and "cannot read config missing.yml" in p.stderr
+    assert snapshot_tree(tmp_path / "run") == before

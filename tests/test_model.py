@@ -1,0 +1,63 @@
+"""The score network: exact parameter counts of the paper's MNIST model, CIN++ against its definition."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import CondInstanceNormPlus, CondRefineNetDilated
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_parameter_count_matches_the_authors_mnist_model():
+    net = CondRefineNetDilated(ngf=64, num_classes=10, channels=1)
+    assert n_params(net) == 7_638_657
+    parts = {"begin_conv": 640, "res1": 155_392, "res2": 425_792, "res3": 753_280, "res4": 753_280,
+             "refine1": 1_210_368, "refine2": 2_118_400, "refine3": 1_520_768, "refine4": 698_240,
+             "end_norm": 1_920, "end_conv": 577}
+    assert {name: n_params(getattr(net, name)) for name in parts} == parts
+    # a few inner parts of the table in the architecture description
+    assert n_params(net.res2[0].shortcut) == 8_320
+    assert n_params(net.res3[0].shortcut) == 147_584
+    assert n_params(net.refine2.msf) == 302_848
+    assert n_params(net.refine4.out) == 232_704
+
+
+def test_shapes_through_the_network():
+    torch.manual_seed(0)
+    net = CondRefineNetDilated(ngf=8, num_classes=5)
+    x, y = torch.rand(3, 1, 28, 28), torch.tensor([0, 2, 4])
+    out = net(x, y)
+    assert out.shape == (3, 1, 28, 28) and torch.isfinite(out).all()
+    # the level index matters: the same image at another level gives another score
+    assert not torch.allclose(net(x, torch.tensor([1, 2, 4])), out)
+
+
+def reference_cin_plus(x, y, embed, eps=1e-5):
+    """CIN++ written literally: InstanceNorm(x) + alpha * (mu - m) / sqrt(v + eps), then gamma * h + beta."""
+    gamma, alpha, beta = embed[y].chunk(3, dim=-1)
+    mu = x.mean(dim=(2, 3))
+    m, v = mu.mean(dim=-1, keepdim=True), mu.var(dim=-1, keepdim=True)
+    h = F.instance_norm(x, eps=eps) + alpha[..., None, None] * ((mu - m) / torch.sqrt(v + eps))[..., None, None]
+    return gamma[..., None, None] * h + beta[..., None, None]
+
+
+def test_cin_plus_equals_its_definition():
+    torch.manual_seed(0)
+    norm = CondInstanceNormPlus(16, num_classes=4)
+    with torch.no_grad():
+        norm.embed.weight.normal_()  # not the initial (1, 1, 0) rows: every term must count
+    x = torch.randn(5, 16, 7, 7, dtype=torch.float64) * 3 + torch.randn(5, 16, 1, 1, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 1])
+    norm = norm.double()
+    torch.testing.assert_close(norm(x, y), reference_cin_plus(x, y, norm.embed.weight), rtol=1e-10, atol=1e-10)
+
+
+def test_cin_plus_initialisation():
+    torch.manual_seed(0)
+    w = CondInstanceNormPlus(64, num_classes=10).embed.weight
+    assert w.shape == (10, 192)
+    assert w[:, :128].mean().item() == pytest.approx(1.0, abs=0.01)
+    assert w[:, :128].std().item() == pytest.approx(0.02, rel=0.15)
+    assert (w[:, 128:] == 0).all()

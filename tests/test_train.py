@@ -1,0 +1,132 @@
+"""End to end on MNIST-format files written by the tests: train, checkpoint, resume, sample."""
+import os
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import main
+from conftest import run_main, snapshot_tree, tiny_config, write_config, write_fake_mnist
+from runner import read_scalars
+
+
+def train(tmp_path, cfg, doc, *extra):
+    return main.main(["--config", write_config(tmp_path / f"{doc}.yml", cfg), "--run", str(tmp_path / "run"),
+                      "--doc", doc, *extra])
+
+
+def ckpt(tmp_path, doc, name="checkpoint.pth"):
+    return torch.load(tmp_path / "run" / "logs" / doc / name, weights_only=True)
+
+
+def test_training_run_writes_checkpoints_config_log_and_tensorboard(tmp_path, fake_mnist):
+    cfg = tiny_config(fake_mnist, **{"training.n_iters": 6, "training.snapshot_freq": 3})
+    p = run_main("--config", write_config(tmp_path / "c.yml", cfg), "--doc", "t", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    logs = tmp_path / "run" / "logs" / "t"
+    assert sorted(os.listdir(logs)) == ["checkpoint.pth", "checkpoint_3.pth", "checkpoint_6.pth", "config.yml",
+                                        "stdout.txt"]
+    assert yaml.safe_load((logs / "config.yml").read_text()) == cfg
+    assert "step 6: saved checkpoint_6.pth" in (logs / "stdout.txt").read_text()
+    c = ckpt(tmp_path, "t")
+    assert set(c) >= {"model", "optimizer", "step", "epoch", "batch_in_epoch", "config", "seed", "rng"}
+    # 64 training images at batch 8: 8 steps an epoch, so after step 6 the next batch is epoch 0, batch 6
+    assert (c["step"], c["epoch"], c["batch_in_epoch"], c["config"]) == (6, 0, 6, cfg)
+    assert torch.equal(c["model"]["end_conv.weight"], ckpt(tmp_path, "t", "checkpoint_6.pth")["model"]["end_conv.weight"])
+    scalars = read_scalars(tmp_path / "run" / "tensorboard" / "t")
+    assert sorted(scalars["loss"]) == [1, 2, 3, 4, 5, 6] and sorted(scalars["test_loss"]) == [2, 4, 6]
+    assert all(v > 0 for v in scalars["loss"].values())
+
+
+def test_training_stops_at_whichever_of_epochs_and_iters_comes_first(tmp_path, fake_mnist):
+    # 64 images at batch 10: 7 steps an epoch (the last batch holds 4), 2 epochs = 14 steps < n_iters 50
+    cfg = tiny_config(fake_mnist, **{"training.batch_size": 10, "training.n_epochs": 2, "training.n_iters": 50,
+                                     "training.snapshot_freq": 100, "training.test_freq": 100})
+    assert train(tmp_path, cfg, "e") == 0
+    c = ckpt(tmp_path, "e")
+    assert (c["step"], c["epoch"], c["batch_in_epoch"]) == (14, 2, 0)
+
+
+def test_resumed_run_ends_bitwise_equal_to_an_unbroken_one(tmp_path, fake_mnist):
+    full = tiny_config(fake_mnist, **{"training.n_iters": 12, "training.snapshot_freq": 5})
+    assert train(tmp_path, full, "full") == 0
+    half = tiny_config(fake_mnist, **{"training.n_iters": 5, "training.snapshot_freq": 5})
+    assert train(tmp_path, half, "half") == 0  # stops at step 5, inside the first epoch (8 steps)
+    assert ckpt(tmp_path, "half")["step"] == 5
+    assert train(tmp_path, full, "half", "--resume_training") == 0
+    a, b = ckpt(tmp_path, "full"), ckpt(tmp_path, "half")
+    assert a["step"] == b["step"] == 12
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])
+    # the TensorBoard history of the first part is kept, and the second part continues at step 6
+    scalars = read_scalars(tmp_path / "run" / "tensorboard" / "half")
+    assert sorted(scalars["loss"]) == list(range(1, 13))
+    full_scalars = read_scalars(tmp_path / "run" / "tensorboard" / "full")
+    assert scalars["loss"] == full_scalars["loss"]
+
+
+def test_fresh_run_into_an_existing_folder_is_refused_and_changes_nothing(tmp_path, fake_mnist, capsys):
+    cfg = tiny_config(fake_mnist, **{"training.n_iters": 3})
+    assert train(tmp_path, cfg, "x") == 0
+    before = snapshot_tree(tmp_path / "run")
+    capsys.readouterr()
+    assert train(tmp_path, cfg, "x") == 1
+    assert "pick another --doc, or pass --resume_training" in capsys.readouterr().err
+    assert snapshot_tree(tmp_path / "run") == before
+
+
+def test_occupied_run_folder_message_on_the_command_line(tmp_path, fake_mnist):
+    cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 2}))
+    assert run_main("--config", cfg, "--doc", "o", cwd=tmp_path).returncode == 0
+    before = snapshot_tree(tmp_path / "run")
+    p = run_main("--config", cfg, "--doc", "o", cwd=tmp_path)
+    assert p.returncode != 0
+    assert "run folder run/logs/o already exists: pick another --doc, or pass --resume_training" in p.stderr
+    assert snapshot_tree(tmp_path / "run") == before
+
+
+def test_sample_writes_grid_gif_and_tensor(tmp_path, fake_mnist):
+    cfg = tiny_config(fake_mnist, **{"training.n_iters": 3, "sampling.n_samples": 6, "sampling.batch_size": 4,
+                                     "sampling.n_frames": 5})
+    assert train(tmp_path, cfg, "s") == 0
+    out = tmp_path / "samples"
+    args = ["--run", str(tmp_path / "run"), "--doc", "s", "--sample", "-o", str(out)]
+    assert main.main(args) == 0
+    samples = torch.load(out / "samples.pt", weights_only=True)
+    assert samples.shape == (6, 1, 28, 28) and torch.isfinite(samples).all()
+    grid = Image.open(out / "samples.png")
+    assert grid.size == (3 * 30 + 2, 2 * 30 + 2)  # 6 images in 3 columns, 28 px + 2 px padding
+    gif = Image.open(out / "movie.gif")
+    assert gif.n_frames == 5  # 5 of the 4 levels x 2 steps, evenly spaced, the last one included
+    # the same seed gives the same samples; --test is the authors' name for --sample
+    assert main.main(["--run", str(tmp_path / "run"), "--doc", "s", "--test", "-o", str(tmp_path / "again")]) == 0
+    assert torch.equal(torch.load(tmp_path / "again" / "samples.pt", weights_only=True), samples)
+    # existing outputs are not replaced without --overwrite
+    before = snapshot_tree(out)
+    assert main.main(args) == 1
+    assert snapshot_tree(out) == before
+    assert main.main(args + ["--overwrite", "--seed", "9"]) == 0
+    assert not torch.equal(torch.load(out / "samples.pt", weights_only=True), samples)
+
+
+def test_sample_or_resume_without_a_checkpoint(tmp_path, fake_mnist, capsys):
+    assert main.main(["--run", str(tmp_path / "run"), "--doc", "none", "--sample", "-o", str(tmp_path / "o")]) == 1
+    cfg = tiny_config(fake_mnist)
+    assert train(tmp_path, cfg, "none", "--resume_training") == 1
+    assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()
+
+
+def test_missing_mnist_offline_names_the_folder_and_files(tmp_path):
+    cfg = write_config(tmp_path / "c.yml", tiny_config(tmp_path / "nodata"))
+    # no network here: make sure of it for the download attempt by pointing the proxy nowhere
+    p = run_main("--config", cfg, "--doc", "m", cwd=tmp_path, timeout=600,
+                 env={"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"})
+    assert p.returncode == 1
+    msg = [line for line in p.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(msg) == 1 and str(tmp_path / "nodata" / "MNIST" / "raw") in msg[0]
+    assert "train-images-idx3-ubyte" in msg[0] and "t10k-labels-idx1-ubyte" in msg[0]
+    assert not (tmp_path / "run").exists()
