@@ -114,7 +114,7 @@ def load_mnist(root, train, download=True):
             raise NCSNError(f"MNIST is missing from {raw} and could not be downloaded ({why.rstrip(':')}); "
                             f"offline, put the four files {', '.join(MNIST_FILES)} there") from e
         raise NCSNError(f"cannot read MNIST in {raw}: {why}") from e
-    except (AssertionError, ValueError, IndexError) as e:
+    except (AssertionError, ValueError, IndexError, KeyError, EOFError) as e:
         raise NCSNError(f"an MNIST file in {raw} is truncated or corrupt ({type(e).__name__}); "
                         f"delete it to download it again, or copy it afresh") from e
     data = ds.data
@@ -160,7 +160,7 @@ def atomic_torch_save(obj, path):
 def load_checkpoint(path, device="cpu"):
     """Read a checkpoint dict with weights_only=True onto `device`; a one-line NCSNError if unreadable."""
     if not os.path.isfile(path):
-        raise NCSNError(f"no checkpoint at {path}: train this run first (without --resume_training)")
+        raise NCSNError(f"no checkpoint at {path}: train this run first")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises several types for a truncated or foreign file
@@ -272,6 +272,27 @@ class Runner:
         for s in steps[:-keep]:
             os.remove(os.path.join(self.log_dir, f"checkpoint_{s}.pth"))
 
+    def latest_checkpoint(self):
+        """The newest complete snapshot of the run, for --resume_training; None if it has none yet.
+
+        checkpoint.pth is normally the newest; a numbered snapshot is newer only when a crash came between
+        writing checkpoint_<step>.pth and swapping checkpoint.pth to it.
+        """
+        if not os.path.isdir(self.log_dir):
+            raise NCSNError(f"no run folder {self.log_dir} to resume: train it first (without --resume_training)")
+        numbered = sorted((int(f[11:-4]), f) for f in os.listdir(self.log_dir)
+                          if f.startswith("checkpoint_") and f.endswith(".pth") and f[11:-4].isdigit())
+        if not os.path.exists(self.ckpt_path) and not numbered:
+            log.warning("%s holds no checkpoint yet (stopped before its first snapshot): starting at step 1",
+                        self.log_dir)
+            return None
+        ckpt = load_checkpoint(self.ckpt_path, self.device) if os.path.exists(self.ckpt_path) else None
+        if numbered and (ckpt is None or numbered[-1][0] > ckpt["step"]):
+            path = os.path.join(self.log_dir, numbered[-1][1])
+            log.warning("resuming from %s, newer than checkpoint.pth", path)
+            ckpt = load_checkpoint(path, self.device)
+        return ckpt
+
     def _check_resumable(self, ckpt):
         old, new = ckpt["config"], config_to_dict(self.config)
         arch = [k for k in ("model.ngf", "model.num_classes", "data.channels", "data.image_size")
@@ -298,8 +319,9 @@ class Runner:
                             f"--resume_training to continue it")
         ckpt = None
         if resume:
-            ckpt = load_checkpoint(self.ckpt_path, device)
-            self._check_resumable(ckpt)
+            ckpt = self.latest_checkpoint()
+            if ckpt is not None:
+                self._check_resumable(ckpt)
         seed = ckpt["seed"] if ckpt else args.seed
         if ckpt and seed != args.seed:
             log.info("resuming with the run's seed %d (not --seed %d)", seed, args.seed)
@@ -416,6 +438,10 @@ class Runner:
         try:
             for d in (self.log_dir, self.tb_dir):
                 os.makedirs(d, exist_ok=True)
+            for f in os.listdir(self.log_dir):  # our own temporary files, left by a crash mid-write
+                if ".pth.tmp." in f:
+                    os.remove(os.path.join(self.log_dir, f))
+                    log.info("removed %s, a checkpoint write cut off by a crash", f)
             probe = os.path.join(self.log_dir, f".write_test.{os.getpid()}")
             open(probe, "w").close()
             os.remove(probe)

@@ -1,0 +1,166 @@
+"""Never lose a run: SIGKILL at random moments (also inside checkpoint writes), SIGTERM/SIGINT, NaN losses."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import main
+import runner
+from conftest import REPO, tiny_config, write_config
+
+DRIVER = os.path.join(REPO, "tests", "kill_driver.py")
+
+
+def start(cfg_path, run_dir, doc, *extra):
+    return subprocess.Popen([sys.executable, DRIVER, "--config", cfg_path, "--run", run_dir, "--doc", doc, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "NCSN_SLOW_SAVE": "0.2"})
+
+
+def snapshots(log_dir):
+    """{file name: step} of every checkpoint file; each must load whole (weights_only) and hold its step."""
+    out = {}
+    for f in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []:
+        if f.startswith("checkpoint") and f.endswith(".pth"):
+            c = torch.load(os.path.join(log_dir, f), weights_only=True)  # raises if half-written
+            assert set(c) >= {"model", "optimizer", "step", "rng", "config"}
+            if f != "checkpoint.pth":
+                assert c["step"] == int(f[11:-4])
+            out[f] = c["step"]
+    return out
+
+
+def wait_for(predicate, proc, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate() or proc.poll() is not None:
+            return
+        time.sleep(0.005)
+    raise AssertionError("timed out")
+
+
+def final_params(log_dir):
+    return torch.load(os.path.join(log_dir, "checkpoint.pth"), weights_only=True)
+
+
+def run_with_kills(tmp_path, data, n_kills, seed):
+    n_iters = 30 + 4 * n_kills
+    cfg = write_config(tmp_path / "c.yml", tiny_config(data, **{"training.n_iters": n_iters,
+                                                                "training.snapshot_freq": 3,
+                                                                "training.test_freq": 5}))
+    run_dir = str(tmp_path / "run")
+    # the reference: the same run, never interrupted
+    ref = start(cfg, run_dir, "ref")
+    assert ref.wait(timeout=600) == 0, ref.stdout.read()
+    reference = final_params(os.path.join(run_dir, "logs", "ref"))
+
+    log_dir = os.path.join(run_dir, "logs", "k")
+    rng = random.Random(seed)
+    kills, mid_write, resumes = 0, 0, 0
+    while True:
+        before = snapshots(log_dir)
+        first = not os.path.isdir(log_dir)
+        proc = start(cfg, run_dir, "k", *([] if first else ["--resume_training"]))
+        if kills < n_kills:
+            if rng.random() < 0.5:  # inside a checkpoint write: a temporary file is being written
+                wait_for(lambda: any(".tmp." in f for f in os.listdir(log_dir)) if os.path.isdir(log_dir)
+                         else False, proc)
+                time.sleep(rng.uniform(0, 0.15))
+            else:  # anywhere: start-up, a training step, logging, a write
+                time.sleep(rng.uniform(0.5, 6.0))
+            if proc.poll() is None:
+                proc.kill()
+                kills += 1
+                mid_write += any(".tmp." in f for f in os.listdir(log_dir)) if os.path.isdir(log_dir) else 0
+        out = proc.communicate(timeout=600)[0]
+        if not first and ("resuming at step" in out or "starting at step 1" in out):
+            # (a) a resume starts right after the newest complete snapshot on disk (or at 1 if none yet);
+            # a process killed before it got that far says nothing
+            expected = max(before.values(), default=0)
+            marker = f"resuming at step {expected + 1} " if expected else "starting at step 1"
+            assert marker in out, (marker, out)
+            resumes += 1
+        # (b) whatever the moment of the kill, every checkpoint file on disk is whole
+        snapshots(log_dir)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, out
+    # (c) the end is bitwise the end of the unbroken run
+    final = final_params(log_dir)
+    assert final["step"] == n_iters
+    for k, v in reference["model"].items():
+        assert torch.equal(v, final["model"][k]), k
+    return kills, mid_write, resumes
+
+
+def test_sigkill_at_random_moments_quick(tmp_path, fake_mnist):
+    kills, mid_write, resumes = run_with_kills(tmp_path, fake_mnist, n_kills=3, seed=0)
+    assert kills == 3 and resumes >= 1
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_full(tmp_path, fake_mnist):
+    kills, mid_write, resumes = run_with_kills(tmp_path, fake_mnist, n_kills=12, seed=1)
+    print(f"survived {kills} kills ({mid_write} inside a checkpoint write), {resumes} resumes")
+    assert kills >= 10 and mid_write >= 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_write_a_checkpoint_and_resume_continues(tmp_path, fake_mnist, sig):
+    cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 400,
+                                                                       "training.snapshot_freq": 1000}))
+    run_dir = str(tmp_path / "run")
+    log_dir = os.path.join(run_dir, "logs", "s")
+    proc = start(cfg, run_dir, "s")
+    wait_for(lambda: os.path.exists(os.path.join(log_dir, "stdout.txt")), proc)
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + sig, out
+    step = torch.load(os.path.join(log_dir, "checkpoint.pth"), weights_only=True)["step"]
+    assert 0 < step < 400
+    assert f"{signal.Signals(sig).name} at step {step}: checkpoint written, continue with --resume_training" in out
+    assert "Traceback" not in out
+    # resuming continues at the next step and ends where an unbroken run ends
+    short = write_config(tmp_path / "c2.yml", tiny_config(fake_mnist, **{"training.n_iters": step + 3,
+                                                                         "training.snapshot_freq": 1000}))
+    res = start(short, run_dir, "s", "--resume_training")
+    out = res.communicate(timeout=120)[0]
+    assert res.returncode == 0 and f"resuming at step {step + 1} " in out, out
+    ref = start(short, run_dir, "ref")
+    assert ref.wait(timeout=120) == 0
+    a, b = final_params(log_dir), final_params(os.path.join(run_dir, "logs", "ref"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_nan_loss_stops_with_step_and_level_and_keeps_the_last_good_checkpoint(tmp_path, fake_mnist, monkeypatch,
+                                                                                capsys):
+    real = runner.dsm_loss
+    calls = []
+
+    def poisoned(score_fn, x, sigmas, generator=None, labels=None, anneal_power=2.0):
+        loss, labels = real(score_fn, x, sigmas, generator, labels, anneal_power)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 5:  # training step 5: one sample's loss becomes NaN
+                loss = loss.clone()
+                loss[3] = float("nan")
+        return loss, labels
+
+    monkeypatch.setattr(runner, "dsm_loss", poisoned)
+    cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 10,
+                                                                      "training.snapshot_freq": 4,
+                                                                      "training.log_freq": 3}))
+    log_dir = tmp_path / "run" / "logs" / "n"
+    capsys.readouterr()
+    assert main.main(["--config", cfg, "--run", str(tmp_path / "run"), "--doc", "n"]) == 1
+    err = capsys.readouterr().err
+    c = torch.load(log_dir / "checkpoint.pth", weights_only=True)
+    assert "non-finite loss at step 5 at noise level(s) " in err and "the last good checkpoint is kept" in err
+    assert c["step"] == 4 and all(torch.isfinite(v).all() for v in c["model"].values())
+    assert sorted(os.listdir(log_dir)) == ["checkpoint.pth", "checkpoint_4.pth", "config.yml", "stdout.txt"]
