@@ -13,6 +13,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class _FastELU(torch.autograd.Function):
+    """ELU(x) = x for x > 0, exp(x) - 1 otherwise, computed as relu(x) + exp(min(x, 0)) - 1.
+
+    Same values as F.elu (to rounding), but built from vectorised kernels: on this project's CPUs F.elu runs
+    about 4x slower than an exp pass (its expm1 is not vectorised; see bench/speed.py). exp(min(x, 0)) is also
+    the derivative everywhere, so it is the only tensor kept for backward, as F.elu keeps one.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        r = torch.relu(x)
+        e = torch.exp(x - r)  # exp(min(x, 0)) = dELU/dx
+        ctx.save_for_backward(e)
+        return (e + r).sub_(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (e,) = ctx.saved_tensors
+        return grad * e
+
+
+def fast_elu_fn(x):
+    return _FastELU.apply(x)
+
+
 class CondInstanceNormPlus(nn.Module):
     """Conditional instance normalization++ (appendix B.1, eq. 17 of the paper).
 
@@ -40,7 +65,7 @@ class CondInstanceNormPlus(nn.Module):
         inv_std = torch.rsqrt(var + self.eps)  # (B, C)
         scale = gamma * inv_std  # (B, C)
         shift = beta + gamma * (alpha * mu_hat - mu * inv_std)  # (B, C)
-        return torch.addcmul(shift[..., None, None], x, scale[..., None, None])  # (B, C, H, W)
+        return torch.addcmul(shift[..., None, None].to(x.dtype), x, scale[..., None, None].to(x.dtype))  # (B, C, H, W)
 
 
 def conv3x3(c_in, c_out, bias=True, dilation=1):
@@ -65,8 +90,9 @@ class CondResBlock(nn.Module):
     quirk, kept on purpose) but still adds a 3x3 dilated convolution as the shortcut.
     """
 
-    def __init__(self, c_in, c_out, num_classes, down=False, dilation=None):
+    def __init__(self, c_in, c_out, num_classes, act, down=False, dilation=None):
         super().__init__()
+        self.act = act
         d = dilation or 1
         mid = c_in if down else c_out
         self.norm1 = CondInstanceNormPlus(c_in, num_classes)
@@ -81,16 +107,17 @@ class CondResBlock(nn.Module):
         assert down or c_in == c_out, "a plain block keeps its width"
 
     def forward(self, x, y):
-        h = self.conv1(F.elu(self.norm1(x, y)))
-        h = self.conv2(F.elu(self.norm2(h, y)))
+        h = self.conv1(self.act(self.norm1(x, y)))
+        h = self.conv2(self.act(self.norm2(h, y)))
         return h + (x if self.shortcut is None else self.shortcut(x))
 
 
 class CondRCU(nn.Module):
     """Residual conv units: n_blocks times [x += (CIN++ -> ELU -> 3x3 conv, no bias) applied twice]."""
 
-    def __init__(self, c, n_blocks, num_classes, n_stages=2):
+    def __init__(self, c, n_blocks, num_classes, act, n_stages=2):
         super().__init__()
+        self.act = act
         self.norms = nn.ModuleList([CondInstanceNormPlus(c, num_classes) for _ in range(n_blocks * n_stages)])
         self.convs = nn.ModuleList([conv3x3(c, c, bias=False) for _ in range(n_blocks * n_stages)])
         self.n_blocks, self.n_stages = n_blocks, n_stages
@@ -99,7 +126,7 @@ class CondRCU(nn.Module):
         for b in range(self.n_blocks):
             h = x
             for s in range(b * self.n_stages, (b + 1) * self.n_stages):
-                h = self.convs[s](F.elu(self.norms[s](h, y)))
+                h = self.convs[s](self.act(self.norms[s](h, y)))
             x = x + h
         return x
 
@@ -125,13 +152,14 @@ class CondMSF(nn.Module):
 class CondCRP(nn.Module):
     """Chained residual pooling: x = ELU(x); twice: path = conv(avgpool5x5(CIN++(path))); x += path."""
 
-    def __init__(self, features, num_classes, n_stages=2):
+    def __init__(self, features, num_classes, act, n_stages=2):
         super().__init__()
+        self.act = act
         self.norms = nn.ModuleList([CondInstanceNormPlus(features, num_classes) for _ in range(n_stages)])
         self.convs = nn.ModuleList([conv3x3(features, features, bias=False) for _ in range(n_stages)])
 
     def forward(self, x, y):
-        x = F.elu(x)
+        x = self.act(x)
         path = x
         for norm, conv in zip(self.norms, self.convs):
             path = conv(F.avg_pool2d(norm(path, y), 5, stride=1, padding=2))
@@ -142,12 +170,12 @@ class CondCRP(nn.Module):
 class CondRefineBlock(nn.Module):
     """RefineNet block: adapt each input (RCU x2), fuse (MSF) if several, CRP, output RCU (x3 at the end)."""
 
-    def __init__(self, c_ins, features, num_classes, end=False):
+    def __init__(self, c_ins, features, num_classes, act, end=False):
         super().__init__()
-        self.adapt = nn.ModuleList([CondRCU(c, 2, num_classes) for c in c_ins])
+        self.adapt = nn.ModuleList([CondRCU(c, 2, num_classes, act) for c in c_ins])
         self.msf = CondMSF(c_ins, features, num_classes) if len(c_ins) > 1 else None
-        self.crp = CondCRP(features, num_classes)
-        self.out = CondRCU(features, 3 if end else 1, num_classes)
+        self.crp = CondCRP(features, num_classes, act)
+        self.out = CondRCU(features, 3 if end else 1, num_classes, act)
 
     def forward(self, xs, y, size):
         hs = [adapt(x, y) for adapt, x in zip(self.adapt, xs)]
@@ -162,21 +190,23 @@ class CondRefineNetDilated(nn.Module):
     Returns the estimated score, same shape as x. The output is not divided by sigma (v1 network).
     """
 
-    def __init__(self, ngf=64, num_classes=10, channels=1, logit_transform=False):
+    def __init__(self, ngf=64, num_classes=10, channels=1, logit_transform=False, fast_elu=True):
         super().__init__()
         C, L = ngf, num_classes
+        act = self.act = fast_elu_fn if fast_elu else F.elu  # same function, fast_elu is 4x faster on CPU
         self.logit_transform = logit_transform
         self.begin_conv = nn.Conv2d(channels, C, 3, padding=1)
-        self.res1 = nn.ModuleList([CondResBlock(C, C, L), CondResBlock(C, C, L)])  # 28x28
-        self.res2 = nn.ModuleList([CondResBlock(C, 2 * C, L, down=True), CondResBlock(2 * C, 2 * C, L)])  # 14x14
-        self.res3 = nn.ModuleList([CondResBlock(2 * C, 2 * C, L, down=True, dilation=2),
-                                   CondResBlock(2 * C, 2 * C, L, dilation=2)])  # 14x14
-        self.res4 = nn.ModuleList([CondResBlock(2 * C, 2 * C, L, down=True, dilation=4),
-                                   CondResBlock(2 * C, 2 * C, L, dilation=4)])  # 14x14
-        self.refine1 = CondRefineBlock([2 * C], 2 * C, L)
-        self.refine2 = CondRefineBlock([2 * C, 2 * C], 2 * C, L)
-        self.refine3 = CondRefineBlock([2 * C, 2 * C], C, L)
-        self.refine4 = CondRefineBlock([C, C], C, L, end=True)
+        self.res1 = nn.ModuleList([CondResBlock(C, C, L, act), CondResBlock(C, C, L, act)])  # 28x28
+        self.res2 = nn.ModuleList([CondResBlock(C, 2 * C, L, act, down=True),
+                                   CondResBlock(2 * C, 2 * C, L, act)])  # 14x14
+        self.res3 = nn.ModuleList([CondResBlock(2 * C, 2 * C, L, act, down=True, dilation=2),
+                                   CondResBlock(2 * C, 2 * C, L, act, dilation=2)])  # 14x14
+        self.res4 = nn.ModuleList([CondResBlock(2 * C, 2 * C, L, act, down=True, dilation=4),
+                                   CondResBlock(2 * C, 2 * C, L, act, dilation=4)])  # 14x14
+        self.refine1 = CondRefineBlock([2 * C], 2 * C, L, act)
+        self.refine2 = CondRefineBlock([2 * C, 2 * C], 2 * C, L, act)
+        self.refine3 = CondRefineBlock([2 * C, 2 * C], C, L, act)
+        self.refine4 = CondRefineBlock([C, C], C, L, act, end=True)
         self.end_norm = CondInstanceNormPlus(C, L)
         self.end_conv = nn.Conv2d(C, channels, 3, padding=1)
 
@@ -189,7 +219,8 @@ class CondRefineNetDilated(nn.Module):
     def forward(self, x, y):  # x (B, 1, 28, 28), y (B,)
         if not self.logit_transform:
             x = 2 * x - 1
-        h = self.begin_conv(x)  # (B, C, 28, 28)
+        with torch.autocast(x.device.type, enabled=False):  # the input keeps fp32 under bf16 autocast: it must
+            h = self.begin_conv(x.float())  # (B, C, 28, 28)  resolve noise of sigma_L = 0.01
         layer1 = self._stage(self.res1, h, y)  # (B, C, 28, 28)
         layer2 = self._stage(self.res2, layer1, y)  # (B, 2C, 14, 14)
         layer3 = self._stage(self.res3, layer2, y)  # (B, 2C, 14, 14)
@@ -198,4 +229,6 @@ class CondRefineNetDilated(nn.Module):
         ref2 = self.refine2([layer3, ref1], y, layer3.shape[-2:])  # (B, 2C, 14, 14)
         ref3 = self.refine3([layer2, ref2], y, layer2.shape[-2:])  # (B, C, 14, 14)
         out = self.refine4([layer1, ref3], y, layer1.shape[-2:])  # (B, C, 28, 28)
-        return self.end_conv(F.elu(self.end_norm(out, y)))  # (B, 1, 28, 28)
+        h = self.act(self.end_norm(out, y))
+        with torch.autocast(x.device.type, enabled=False):  # the score in fp32 as well
+            return self.end_conv(h.float())  # (B, 1, 28, 28)

@@ -5,6 +5,7 @@ The two pure functions of the method come first: `dsm_loss` (eq. 5 and 6 of Song
 and checkpoints. A checkpoint is one dict with named keys and holds only tensors and plain values, so it
 loads with torch.load(weights_only=True).
 """
+import dataclasses
 import logging
 import math
 import os
@@ -26,7 +27,9 @@ MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
                "t10k-labels-idx1-ubyte"]
 # Keys a resumed run may change; any other difference to the checkpoint's config is an error.
 RESUMABLE_CHANGES = {"training.n_epochs", "training.n_iters", "training.snapshot_freq", "training.test_freq",
-                     "training.log_freq", "training.keep_snapshots", "data.root"}
+                     "training.log_freq", "training.keep_snapshots", "data.root", "sampling.n_steps_each",
+                     "sampling.step_lr", "sampling.n_samples", "sampling.batch_size", "sampling.n_frames",
+                     "fast.bf16", "fast.fast_elu", "fast.fused_adam", "fast.channels_last"}
 
 
 class NCSNError(RuntimeError):
@@ -176,9 +179,28 @@ def config_differences(old, new):
     return sorted(f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k])
 
 
-def make_model(config):
-    return CondRefineNetDilated(ngf=config.model.ngf, num_classes=config.model.num_classes,
-                                channels=config.data.channels, logit_transform=config.data.logit_transform)
+def make_model(config, device):
+    model = CondRefineNetDilated(ngf=config.model.ngf, num_classes=config.model.num_classes,
+                                 channels=config.data.channels, logit_transform=config.data.logit_transform,
+                                 fast_elu=config.fast.fast_elu).to(device)
+    return model.to(memory_format=memory_format(config))
+
+
+def memory_format(config):
+    return torch.channels_last if config.fast.channels_last else torch.contiguous_format
+
+
+def autocast(config, device):
+    """bf16 autocast for the network when fast.bf16 is on (the weights stay fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.fast.bf16)
+
+
+def make_score_fn(model, config, device):
+    """s(x, i) as the sampler and the loss call it: the model under the configured precision."""
+    def score_fn(x, labels):  # x (B, 1, 28, 28), labels (B,)
+        with autocast(config, device):
+            return model(x.contiguous(memory_format=memory_format(config)), labels)
+    return score_fn
 
 
 def load_model_state(model, state, path):
@@ -333,9 +355,10 @@ class Runner:
         n_total = min(tcfg.n_iters, tcfg.n_epochs * steps_per_epoch)
 
         torch.manual_seed(seed)
-        model = make_model(cfg).to(device)
+        model = make_model(cfg, device)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, 0.999),
-                                     weight_decay=cfg.optim.weight_decay, amsgrad=cfg.optim.amsgrad)
+                                     weight_decay=cfg.optim.weight_decay, amsgrad=cfg.optim.amsgrad,
+                                     fused=True if cfg.fast.fused_adam else None)
         generator = torch.Generator(device).manual_seed(seed)
         sigmas = get_sigmas(cfg.model.sigma_begin, cfg.model.sigma_end, cfg.model.num_classes).to(device)
         start = self.load_state(ckpt, model, optimizer, generator)
@@ -351,7 +374,7 @@ class Runner:
                  sum(p.numel() for p in model.parameters()))
 
         to_model = logit_transform if cfg.data.logit_transform else (lambda x: x)  # data space of the model
-        score_fn = model
+        score_fn = make_score_fn(model, cfg, device)
 
         from tqdm import tqdm
         bar = tqdm(total=n_total, initial=start, disable=None, dynamic_ncols=True, desc="train")
@@ -402,6 +425,8 @@ class Runner:
             return 0
         load_model_state(model, ckpt["model"], self.ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # the kernel choice is this run's config's, not the checkpoint's
+            group["fused"] = True if self.config.fast.fused_adam else None
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch_cpu"].cpu())
         if rng["generator_device"] == generator.device.type:
@@ -480,10 +505,11 @@ class Runner:
             run_cfg = config_from_dict(ckpt["config"], source=f"config in {self.ckpt_path}")
         except ConfigError as e:
             raise NCSNError(str(e)) from e
-        scfg = self.config.sampling if self.config is not None else run_cfg.sampling
         if self.config is not None:
-            log.info("sampling settings from --config %s; the model's from the checkpoint", args.config)
-        model = make_model(run_cfg).to(device)
+            log.info("sampling and speed settings from --config %s; the model's from the checkpoint", args.config)
+            run_cfg = dataclasses.replace(run_cfg, sampling=self.config.sampling, fast=self.config.fast)
+        scfg = run_cfg.sampling
+        model = make_model(run_cfg, device)
         load_model_state(model, ckpt["model"], self.ckpt_path)
         model.eval()
 
@@ -512,7 +538,7 @@ class Runner:
             if counter[0] in frame_steps:
                 frames.append(to_image(x[:n_grid]).clamp(0, 1).cpu())
 
-        score_fn = model
+        score_fn = make_score_fn(model, run_cfg, device)
 
         log.info("sampling %d images: %d levels x %d steps, step_lr %g, seed %d", scfg.n_samples, len(sigmas),
                  scfg.n_steps_each, scfg.step_lr, args.seed)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import CondInstanceNormPlus, CondRefineNetDilated
+from model import CondInstanceNormPlus, CondRefineNetDilated, fast_elu_fn
 
 
 def n_params(module):
@@ -61,3 +61,22 @@ def test_cin_plus_initialisation():
     assert w[:, :128].mean().item() == pytest.approx(1.0, abs=0.01)
     assert w[:, :128].std().item() == pytest.approx(0.02, rel=0.15)
     assert (w[:, 128:] == 0).all()
+
+
+def test_fast_elu_equals_elu_with_its_gradient():
+    x = (torch.randn(4000, dtype=torch.float64) * 4).requires_grad_()
+    torch.testing.assert_close(fast_elu_fn(x), F.elu(x), rtol=0, atol=1e-14)
+    assert torch.autograd.gradcheck(fast_elu_fn, (torch.randn(64, dtype=torch.float64, requires_grad=True),))
+    g = torch.randn_like(x)
+    (a,) = torch.autograd.grad(fast_elu_fn(x), x, g)
+    (b,) = torch.autograd.grad(F.elu(x), x, g)
+    torch.testing.assert_close(a, b)
+
+
+def test_network_with_fast_elu_equals_the_plain_one():
+    torch.manual_seed(0)
+    plain = CondRefineNetDilated(ngf=8, num_classes=4, fast_elu=False)
+    fast = CondRefineNetDilated(ngf=8, num_classes=4, fast_elu=True)
+    fast.load_state_dict(plain.state_dict())
+    x, y = torch.rand(2, 1, 28, 28), torch.tensor([0, 3])
+    torch.testing.assert_close(fast(x, y), plain(x, y), rtol=1e-4, atol=1e-5)

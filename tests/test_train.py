@@ -48,10 +48,12 @@ def test_training_stops_at_whichever_of_epochs_and_iters_comes_first(tmp_path, f
     assert (c["step"], c["epoch"], c["batch_in_epoch"]) == (14, 2, 0)
 
 
-def test_resumed_run_ends_bitwise_equal_to_an_unbroken_one(tmp_path, fake_mnist):
-    full = tiny_config(fake_mnist, **{"training.n_iters": 12, "training.snapshot_freq": 5})
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "plain-path"])
+def test_resumed_run_ends_bitwise_equal_to_an_unbroken_one(tmp_path, fake_mnist, fast):
+    switches = {f"fast.{k}": fast for k in ("bf16", "fast_elu", "fused_adam")}
+    full = tiny_config(fake_mnist, **{"training.n_iters": 12, "training.snapshot_freq": 5}, **switches)
     assert train(tmp_path, full, "full") == 0
-    half = tiny_config(fake_mnist, **{"training.n_iters": 5, "training.snapshot_freq": 5})
+    half = tiny_config(fake_mnist, **{"training.n_iters": 5, "training.snapshot_freq": 5}, **switches)
     assert train(tmp_path, half, "half") == 0  # stops at step 5, inside the first epoch (8 steps)
     assert ckpt(tmp_path, "half")["step"] == 5
     assert train(tmp_path, full, "half", "--resume_training") == 0

@@ -1,0 +1,177 @@
+"""Training and sampling speed of the plain path against the fast path, measured side by side in one run.
+
+    .venv/bin/python bench/speed.py                       # ngf 64 and ngf 16, batch 128, on the CPU (and CUDA)
+    .venv/bin/python bench/speed.py --ngf 32 --repeats 5 --profile
+
+plain: fp32, eager, contiguous layout, torch's F.elu, Adam with its default (foreach) kernels.
+fast:  what `fast:` in config.yml turns on: bf16 autocast with fp32 master weights (network input and
+       output kept in fp32), the vectorised ELU of model.py, fused Adam (and channels_last if asked).
+Each variant runs `--repeats` timed repetitions after a warm-up, alternating plain and fast so that load
+from other processes hits both alike; the table gives medians. A training step is the repository's own DSM
+loss, backward and Adam step; a sampling step is one network evaluation of annealed Langevin dynamics
+(forward under inference_mode) at the sampling batch size. "peak" is the share of the machine's matmul
+peak in the same dtype, measured in the same run with a large matrix multiply.
+"""
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import CondRefineNetDilated  # noqa: E402
+from runner import dsm_loss, get_sigmas  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, dtype, n=2048, reps=10):
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times)  # FLOP/s
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM, the peak resident set
+            f.write("5")
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+
+
+class Variant:
+    """One configuration of model + optimiser + precision, with a timed training and sampling step."""
+
+    def __init__(self, name, ngf, device, batch, fast, channels_last=False):
+        torch.manual_seed(0)
+        self.name, self.device, self.batch, self.fast = name, device, batch, fast
+        self.model = CondRefineNetDilated(ngf=ngf, num_classes=10, fast_elu=fast).to(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=True if fast else None)
+        self.sigmas = get_sigmas(1.0, 0.01, 10).to(device)
+        self.gen = torch.Generator(device).manual_seed(0)
+        self.x = torch.rand(batch, 1, 28, 28, device=device).contiguous(memory_format=self.memory_format)
+        self.labels = torch.randint(10, (batch,), device=device)
+
+    def autocast(self):
+        if not self.fast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def train_step(self):
+        with self.autocast():
+            loss, _ = dsm_loss(self.model, self.x, self.sigmas, self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        self.opt.step()
+
+    def sample_step(self):
+        with torch.inference_mode(), self.autocast():
+            self.model(self.x, self.labels)
+
+    def time(self, fn, reps=1):
+        sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync(self.device)
+        return (time.perf_counter() - t0) / reps
+
+    def flops(self, fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+
+def bench(ngf, device, batch, repeats, channels_last):
+    variants = [Variant("plain", ngf, device, batch, fast=False),
+                Variant("fast", ngf, device, batch, fast=True, channels_last=channels_last)]
+    steps = 1 if device.type == "cpu" else 10
+    results = {v.name: {"train": [], "sample": []} for v in variants}
+    for v in variants:  # warm-up (and oneDNN's kernel choice) outside the timings
+        v.train_step()
+        v.sample_step()
+    for _ in range(repeats):
+        for v in variants:  # alternate, so that a noisy neighbour slows both alike
+            results[v.name]["train"].append(v.time(v.train_step, steps))
+            results[v.name]["sample"].append(v.time(v.sample_step, steps))
+    rows = []
+    for v in variants:
+        reset_peak_memory(device)
+        v.train_step()
+        mem = peak_memory(device)
+        train_s = statistics.median(results[v.name]["train"])
+        sample_s = statistics.median(results[v.name]["sample"])
+        train_flops = v.flops(v.train_step)
+        sample_flops = v.flops(v.sample_step)
+        rows.append(dict(variant=v.name, train_ips=batch / train_s, sample_ips=batch / sample_s, train_s=train_s,
+                         train_gflops=train_flops / train_s / 1e9, sample_gflops=sample_flops / sample_s / 1e9,
+                         mem=mem))
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ngf", type=int, nargs="+", default=[64, 16])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions of each variant (medians)")
+    p.add_argument("--channels_last", action="store_true", help="fast path in channels_last layout")
+    p.add_argument("--profile", action="store_true", help="print the top ops of one plain and one fast step")
+    args = p.parse_args()
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, batch {args.batch}, "
+          f"medians of {args.repeats}")
+    for device in devices:
+        peak32 = matmul_peak(device, torch.float32)
+        peak16 = matmul_peak(device, torch.bfloat16)
+        print(f"\n{device}: matmul peak fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s")
+        print("| ngf | path | train img/s | sample img/s | train GFLOP/s (% of peak) | sample GFLOP/s (% of peak) "
+              "| peak memory, train step |")
+        print("|---|---|---|---|---|---|---|")
+        for ngf in args.ngf:
+            rows = bench(ngf, device, args.batch, args.repeats, args.channels_last)
+            for r in rows:
+                peak = peak32 if r["variant"] == "plain" else peak16
+                print(f"| {ngf} | {r['variant']} | {r['train_ips']:.1f} | {r['sample_ips']:.1f} | "
+                      f"{r['train_gflops']:.0f} ({100 * r['train_gflops'] * 1e9 / peak:.0f}%) | "
+                      f"{r['sample_gflops']:.0f} ({100 * r['sample_gflops'] * 1e9 / peak:.0f}%) | "
+                      f"{r['mem'] / 2 ** 30:.2f} GiB |")
+            plain, fast = rows
+            print(f"| {ngf} | fast / plain | {fast['train_ips'] / plain['train_ips']:.2f}x | "
+                  f"{fast['sample_ips'] / plain['sample_ips']:.2f}x | | | |")
+            if args.profile:
+                for fast_path in (False, True):
+                    v = Variant("p", ngf, device, args.batch, fast=fast_path, channels_last=args.channels_last)
+                    v.train_step()
+                    with torch.profiler.profile() as prof:
+                        v.train_step()
+                    print(f"\nprofile of one {'fast' if fast_path else 'plain'} training step, ngf {ngf}:")
+                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()
