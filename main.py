@@ -28,7 +28,11 @@ def parse_args(argv=None):
     p.add_argument("--resume_training", action="store_true", help="continue the run from its checkpoint.pth")
     p.add_argument("--sample", "--test", dest="sample", action="store_true",
                    help="draw samples from the run's checkpoint with annealed Langevin dynamics")
-    p.add_argument("-o", "--image_folder", default="images", help="where --sample writes its outputs")
+    p.add_argument("--inpaint", choices=["bottom", "right", "square", "random"],
+                   help="complete MNIST test digits with this region hidden, using the run's checkpoint")
+    p.add_argument("--noise_design", action="store_true",
+                   help="print the NCSNv2 noise levels and step size that the data and config call for")
+    p.add_argument("-o", "--image_folder", default="images", help="where --sample and --inpaint write")
     p.add_argument("--overwrite", action="store_true", help="let --sample replace outputs already in -o")
     args = p.parse_args(argv)
     if args.doc in ("", ".", "..") or "/" in args.doc or "\\" in args.doc:
@@ -57,12 +61,16 @@ def main(argv=None):
 
     try:
         config = None
-        if not args.sample or args.config is not None:
+        if not (args.sample or args.inpaint) or args.config is not None:
             config = load_config(args.config or "config.yml")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         log.info("device %s, torch %s, seed %d%s", device, torch.__version__, args.seed,
                  f", comment: {args.comment}" if args.comment else "")
         r = runner.Runner(args, config, device)
+        if args.noise_design:
+            return r.noise_design()
+        if args.inpaint:
+            return r.inpaint(args.inpaint)
         return r.sample() if args.sample else r.train()
     except ConfigError as e:
         log.error("%s", e)

@@ -5,6 +5,7 @@ The two pure functions of the method come first: `dsm_loss` (eq. 5 and 6 of Song
 and checkpoints. A checkpoint is one dict with named keys and holds only tensors and plain values, so it
 loads with torch.load(weights_only=True).
 """
+import copy
 import dataclasses
 import logging
 import math
@@ -77,25 +78,106 @@ def dsm_loss(score_fn, x, sigmas, generator=None, labels=None, anneal_power=2.0)
     return loss, labels
 
 
-def anneal_langevin_dynamics(score_fn, x, sigmas, n_steps_each, step_lr, generator=None, callback=None):
+def anneal_langevin_dynamics(score_fn, x, sigmas, n_steps_each, step_lr, generator=None, callback=None,
+                             denoise=False, known=None, mask=None):
     """Annealed Langevin dynamics, Algorithm 1 of the paper.
 
     for i = 1..L:  alpha_i = step_lr * sigma_i^2 / sigma_L^2
         repeat n_steps_each times:  x <- x + alpha_i s(x, i) + sqrt(2 alpha_i) z,  z ~ N(0, I)
     score_fn(x, labels) -> score of the same shape; x is the start (e.g. U[0, 1] noise, (B, 1, 28, 28)).
     callback(i, t, x) is called after every step (level i, step t) for diagnostics. Returns the final x.
+
+    denoise: after the last level, x <- x + sigma_L^2 s(x, L) (Tweedie's formula; NCSNv2, appendix C.2).
+    Inpainting (appendix B.3 of the paper): with `known` (B, 1, 28, 28) and `mask` (1 where known), the known
+    pixels are held at known + sigma_i z' (one z' per level) before and after every step, and set to `known`
+    exactly at the end, so only the unknown pixels are generated.
     """
     sigmas = [float(s) for s in sigmas]
+    inpaint = known is not None
     with torch.inference_mode():
         for i, sigma in enumerate(sigmas):
             labels = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)  # (B,)
             alpha = step_lr * (sigma / sigmas[-1]) ** 2
+            if inpaint:
+                noisy_known = known + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+                x = torch.where(mask, noisy_known, x)
             for t in range(n_steps_each):
                 z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 x = x + alpha * score_fn(x, labels).to(x.dtype) + math.sqrt(2 * alpha) * z
+                if inpaint:
+                    x = torch.where(mask, noisy_known, x)
                 if callback is not None:
                     callback(i, t, x)
+        if denoise:
+            x = x + sigmas[-1] ** 2 * score_fn(x, labels).to(x.dtype)
+        if inpaint:
+            x = torch.where(mask, known, x)
     return x
+
+
+def inpainting_mask(kind, shape, generator=None, device="cpu"):
+    """Boolean mask (B, 1, H, W), True where a pixel is known. kind: bottom | right | square | random
+    (hide the bottom half, the right half, a centred square of half the side, or each pixel with p = 0.75)."""
+    B, C, H, W = shape
+    known = torch.ones(shape, dtype=torch.bool, device=device)
+    if kind == "bottom":
+        known[..., H // 2:, :] = False
+    elif kind == "right":
+        known[..., :, W // 2:] = False
+    elif kind == "square":
+        known[..., H // 4:H - H // 4, W // 4:W - W // 4] = False
+    elif kind == "random":
+        known = torch.rand(shape, generator=generator, device=device) >= 0.75
+    else:
+        raise NCSNError(f"unknown inpainting mask {kind!r}: bottom, right, square or random")
+    return known
+
+
+def max_pairwise_distance(x, chunk=4096):
+    """The largest Euclidean distance between two rows of x (N, D): sigma_1 of NCSNv2's technique 1."""
+    x = x.flatten(1).double()  # (N, D)
+    sq = (x * x).sum(1)  # (N,)
+    best, pair = -1.0, (0, 0)
+    for i in range(0, len(x), chunk):
+        d2 = sq[i:i + chunk, None] + sq[None, :] - 2 * x[i:i + chunk] @ x.T  # (chunk, N)
+        v, j = d2.flatten().max(0)
+        if v.item() > best:
+            best, pair = v.item(), (i + int(j) // len(x), int(j) % len(x))
+    return float((x[pair[0]] - x[pair[1]]).norm()), pair
+
+
+def noise_ratio_gamma(dim):
+    """gamma = sigma_{i-1} / sigma_i from NCSNv2's technique 2, for data of `dim` dimensions:
+    Phi(sqrt(2D)(gamma - 1) + 3 gamma) - Phi(sqrt(2D)(gamma - 1) - 3 gamma) = 0.5."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    c = math.sqrt(2 * dim)
+    return brentq(lambda g: norm.cdf(c * (g - 1) + 3 * g) - norm.cdf(c * (g - 1) - 3 * g) - 0.5, 1.0 + 1e-9, 10.0)
+
+
+def num_noise_levels(sigma_begin, sigma_end, gamma):
+    """Levels of a geometric sequence from sigma_begin down to sigma_end with ratio about gamma."""
+    return 1 + math.ceil(math.log(sigma_begin / sigma_end) / math.log(gamma))
+
+
+def langevin_step_lr(sigma_end, gamma, n_steps_each):
+    """epsilon from NCSNv2's technique 4: the value that brings
+    (1 - e/s^2)^(2T) (gamma^2 - 2e / (s^2 - s^2 (1 - e/s^2)^2)) + 2e / (s^2 - s^2 (1 - e/s^2)^2)
+    closest to 1, with s = sigma_L and T = n_steps_each."""
+    from scipy.optimize import minimize_scalar
+
+    s2 = sigma_end ** 2
+
+    def f(log_eps):
+        e = math.exp(log_eps)
+        r = 1 - e / s2
+        c = 2 * e / (s2 - s2 * r ** 2)
+        return abs(r ** (2 * n_steps_each) * (gamma ** 2 - c) + c - 1)
+
+    res = minimize_scalar(f, bounds=(math.log(s2 * 1e-12), math.log(s2 * 0.999)), method="bounded",
+                          options={"xatol": 1e-10})
+    return math.exp(res.x)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -195,12 +277,28 @@ def autocast(config, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.fast.bf16)
 
 
-def make_score_fn(model, config, device):
-    """s(x, i) as the sampler and the loss call it: the model under the configured precision."""
+def make_score_fn(model, config, device, sigmas):
+    """s(x, i) as the sampler and the loss call it: the model under the configured precision, divided by
+    sigma_i when model.scale_by_sigma is on."""
     def score_fn(x, labels):  # x (B, 1, 28, 28), labels (B,)
         with autocast(config, device):
-            return model(x.contiguous(memory_format=memory_format(config)), labels)
+            out = model(x.contiguous(memory_format=memory_format(config)), labels)
+        return out / sigmas[labels].view(-1, 1, 1, 1) if config.model.scale_by_sigma else out
     return score_fn
+
+
+def make_ema(model):
+    """A frozen copy of the model whose weights will track the exponential moving average."""
+    ema = copy.deepcopy(model)
+    ema.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def ema_update(ema, model, rate):
+    """theta_ema <- rate * theta_ema + (1 - rate) * theta (NCSNv2, technique 5)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - rate)
 
 
 def load_model_state(model, state, path):
@@ -251,11 +349,12 @@ class Runner:
         self._signal = None
 
     # -- checkpoints ------------------------------------------------------------------------------------
-    def checkpoint(self, model, optimizer, generator, step, steps_per_epoch, seed):
+    def checkpoint(self, model, ema, optimizer, generator, step, steps_per_epoch, seed):
         epoch, batch = divmod(step, steps_per_epoch)
         return {
             "format": CHECKPOINT_FORMAT,
             "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,  # EMA weights when model.ema is on
             "optimizer": optimizer.state_dict(),
             "step": step,  # the last completed step; training goes on at step + 1
             "epoch": epoch,  # the epoch of the next batch ...
@@ -361,7 +460,8 @@ class Runner:
                                      fused=True if cfg.fast.fused_adam else None)
         generator = torch.Generator(device).manual_seed(seed)
         sigmas = get_sigmas(cfg.model.sigma_begin, cfg.model.sigma_end, cfg.model.num_classes).to(device)
-        start = self.load_state(ckpt, model, optimizer, generator)
+        ema = make_ema(model) if cfg.model.ema else None
+        start = self.load_state(ckpt, model, ema, optimizer, generator)
         if start >= n_total:
             raise NCSNError(f"the checkpoint is at step {start} and the config ends at step {n_total}: "
                             f"raise training.n_iters (or n_epochs) to train further")
@@ -374,7 +474,8 @@ class Runner:
                  sum(p.numel() for p in model.parameters()))
 
         to_model = logit_transform if cfg.data.logit_transform else (lambda x: x)  # data space of the model
-        score_fn = make_score_fn(model, cfg, device)
+        score_fn = make_score_fn(model, cfg, device, sigmas)
+        eval_score_fn = make_score_fn(ema if ema is not None else model, cfg, device, sigmas)  # for the test loss
 
         from tqdm import tqdm
         bar = tqdm(total=n_total, initial=start, disable=None, dynamic_ncols=True, desc="train")
@@ -392,6 +493,8 @@ class Runner:
                 optimizer.zero_grad(set_to_none=True)
                 loss.mean().backward()
                 optimizer.step()
+                if ema is not None:
+                    ema_update(ema, model, cfg.model.ema_rate)
                 window.append((step, loss.detach(), labels))
 
                 snapshot = step % tcfg.snapshot_freq == 0 or step == n_total
@@ -401,12 +504,12 @@ class Runner:
                     bar.set_postfix(loss=f"{last:.4f}", refresh=False)
                     bar.update(step - bar.n)
                 if step % tcfg.test_freq == 0:
-                    test_loss = self.test_loss(score_fn, to_model, test_u8, sigmas, seed, step)
+                    test_loss = self.test_loss(eval_score_fn, to_model, test_u8, sigmas, seed, step)
                     writer.add_scalar("test_loss", test_loss, step)
                     log.info("step %d: loss %.4f, test loss %.4f", step, last, test_loss)
                 if snapshot or self._signal:
                     writer.flush()
-                    self.save(self.checkpoint(model, optimizer, generator, step, steps_per_epoch, seed),
+                    self.save(self.checkpoint(model, ema, optimizer, generator, step, steps_per_epoch, seed),
                               numbered=snapshot)
                 if self._signal:
                     signame = signal.Signals(self._signal).name
@@ -419,11 +522,13 @@ class Runner:
         log.info("done: %d steps, checkpoint in %s", n_total, self.ckpt_path)
         return 0
 
-    def load_state(self, ckpt, model, optimizer, generator):
-        """Restore model, optimizer and RNG from `ckpt` (None for a fresh start); returns the last done step."""
+    def load_state(self, ckpt, model, ema, optimizer, generator):
+        """Restore model, EMA, optimizer and RNG from `ckpt` (None: a fresh start); returns the last done step."""
         if ckpt is None:
             return 0
         load_model_state(model, ckpt["model"], self.ckpt_path)
+        if ema is not None:
+            load_model_state(ema, ckpt["ema"], self.ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # the kernel choice is this run's config's, not the checkpoint's
             group["fused"] = True if self.config.fast.fused_adam else None
@@ -496,27 +601,38 @@ class Runner:
             signal.signal(s, h)
 
     # -- sampling -----------------------------------------------------------------------------------------
-    def sample(self):
-        """Annealed Langevin dynamics from U[0, 1] noise with the run's checkpoint; writes into -o:
-        samples.png (grid), samples.pt (raw final tensor) and movie.gif (the trajectory)."""
-        args, device = self.args, self.device
+    def load_trained(self):
+        """The run's checkpoint, ready to sample: (config, score function, sigmas on the device).
+
+        The model and data settings are the checkpoint's; `sampling` and `fast` come from --config when it
+        is given. With model.ema on and sampling.ema on, the EMA weights are used.
+        """
+        device = self.device
         ckpt = load_checkpoint(self.ckpt_path, device)
         try:
             run_cfg = config_from_dict(ckpt["config"], source=f"config in {self.ckpt_path}")
         except ConfigError as e:
             raise NCSNError(str(e)) from e
         if self.config is not None:
-            log.info("sampling and speed settings from --config %s; the model's from the checkpoint", args.config)
+            log.info("sampling and speed settings from --config %s; the model's from the checkpoint",
+                     self.args.config)
             run_cfg = dataclasses.replace(run_cfg, sampling=self.config.sampling, fast=self.config.fast)
-        scfg = run_cfg.sampling
         model = make_model(run_cfg, device)
-        load_model_state(model, ckpt["model"], self.ckpt_path)
+        use_ema = run_cfg.model.ema and run_cfg.sampling.ema
+        load_model_state(model, ckpt["ema"] if use_ema else ckpt["model"], self.ckpt_path)
         model.eval()
+        sigmas = get_sigmas(run_cfg.model.sigma_begin, run_cfg.model.sigma_end, run_cfg.model.num_classes).to(device)
+        log.info("model of step %d%s; %d levels x %d steps, step_lr %g%s, seed %d", ckpt["step"],
+                 " (EMA weights)" if use_ema else "", len(sigmas), run_cfg.sampling.n_steps_each,
+                 run_cfg.sampling.step_lr, ", final denoising step" if run_cfg.sampling.denoise else "",
+                 self.args.seed)
+        return run_cfg, make_score_fn(model, run_cfg, device, sigmas), sigmas
 
-        out = args.image_folder
-        names = {k: os.path.join(out, k) for k in ("samples.png", "samples.pt", "movie.gif")}
-        present = [p for p in names.values() if os.path.exists(p)]
-        if present and not args.overwrite:
+    def _output_paths(self, names):
+        out = self.args.image_folder
+        paths = {k: os.path.join(out, k) for k in names}
+        present = [p for p in paths.values() if os.path.exists(p)]
+        if present and not self.args.overwrite:
             raise NCSNError(f"{', '.join(present)} already exist: choose another -o or pass --overwrite")
         try:
             os.makedirs(out, exist_ok=True)
@@ -524,9 +640,16 @@ class Runner:
             raise NCSNError(f"cannot create the image folder {out}: {e.strerror}") from e
         if not os.access(out, os.W_OK):
             raise NCSNError(f"the image folder {out} is not writable")
+        return paths
 
-        sigmas = get_sigmas(run_cfg.model.sigma_begin, run_cfg.model.sigma_end, run_cfg.model.num_classes)
-        generator = torch.Generator(device).manual_seed(args.seed)
+    def sample(self):
+        """Annealed Langevin dynamics from U[0, 1] noise with the run's checkpoint; writes into -o:
+        samples.png (grid), samples.pt (raw final tensor) and movie.gif (the trajectory)."""
+        device = self.device
+        run_cfg, score_fn, sigmas = self.load_trained()
+        scfg = run_cfg.sampling
+        names = self._output_paths(["samples.png", "samples.pt", "movie.gif"])
+        generator = torch.Generator(device).manual_seed(self.args.seed)
         total = len(sigmas) * scfg.n_steps_each
         frame_steps = set(np.linspace(1, total, min(scfg.n_frames, total)).round().astype(int).tolist())
         n_grid = min(scfg.n_samples, scfg.batch_size, 100)
@@ -538,24 +661,74 @@ class Runner:
             if counter[0] in frame_steps:
                 frames.append(to_image(x[:n_grid]).clamp(0, 1).cpu())
 
-        score_fn = make_score_fn(model, run_cfg, device)
-
-        log.info("sampling %d images: %d levels x %d steps, step_lr %g, seed %d", scfg.n_samples, len(sigmas),
-                 scfg.n_steps_each, scfg.step_lr, args.seed)
-        t0, batches = time.time(), []
-        for b in range(0, scfg.n_samples, scfg.batch_size):
-            m = min(scfg.batch_size, scfg.n_samples - b)
-            x0 = torch.rand(m, run_cfg.data.channels, run_cfg.data.image_size, run_cfg.data.image_size,
-                            generator=generator, device=device)  # (m, 1, 28, 28) ~ U[0, 1]
-            if run_cfg.data.logit_transform:
-                x0 = logit_transform(x0)
-            batches.append(anneal_langevin_dynamics(score_fn, x0, sigmas, scfg.n_steps_each, scfg.step_lr,
-                                                    generator, callback=record if b == 0 else None).cpu())
-        samples = torch.cat(batches)  # (n_samples, 1, 28, 28), raw (not clamped)
-        log.info("sampled in %.1f s", time.time() - t0)
+        t0 = time.time()
+        samples = draw_samples(score_fn, sigmas, run_cfg, scfg.n_samples, generator, device, callback=record)
+        log.info("sampled %d images in %.1f s", scfg.n_samples, time.time() - t0)
         write_samples(samples, frames, names, to_image)
         log.info("wrote %s", ", ".join(names.values()))
         return 0
+
+    def noise_design(self):
+        """Print the noise levels and Langevin step that NCSNv2's rules (techniques 1, 2 and 4 of Song & Ermon,
+        2020) choose for the training data and the config's sigma_end and n_steps_each."""
+        cfg = self.config
+        train_u8 = load_mnist(cfg.data.root, train=True)
+        t0 = time.time()
+        sigma_begin, (i, j) = max_pairwise_distance(train_u8.float() / 255)
+        dim = cfg.data.channels * cfg.data.image_size ** 2
+        gamma = noise_ratio_gamma(dim)
+        n_levels = num_noise_levels(sigma_begin, cfg.model.sigma_end, gamma)
+        step_lr = langevin_step_lr(cfg.model.sigma_end, gamma, cfg.sampling.n_steps_each)
+        print(f"largest distance between two of the {len(train_u8)} training images (pixels in [0, 1]): "
+              f"{sigma_begin:.4f} (images {i} and {j}; {time.time() - t0:.0f} s)")
+        print(f"gamma for D = {dim}: {gamma:.5f}; levels from {sigma_begin:.4f} to {cfg.model.sigma_end}: "
+              f"{n_levels}; step_lr for n_steps_each = {cfg.sampling.n_steps_each}: {step_lr:.4g}")
+        print(f"model: {{sigma_begin: {sigma_begin:.4f}, sigma_end: {cfg.model.sigma_end}, num_classes: {n_levels}}}")
+        print(f"sampling: {{n_steps_each: {cfg.sampling.n_steps_each}, step_lr: {step_lr:.4g}}}")
+        return 0
+
+    def inpaint(self, kind):
+        """Complete MNIST test digits with `kind` of region hidden; writes inpaint_<kind>.png into -o with three
+        rows of images: the originals, what the sampler sees (hidden pixels grey), the completions."""
+        device = self.device
+        run_cfg, score_fn, sigmas = self.load_trained()
+        scfg = run_cfg.sampling
+        names = self._output_paths([f"inpaint_{kind}.png"])
+        if run_cfg.data.logit_transform:
+            raise NCSNError("--inpaint works on runs in pixel space (data.logit_transform: false)")
+        generator = torch.Generator(device).manual_seed(self.args.seed)
+        test_u8 = load_mnist(run_cfg.data.root, train=False)
+        n = min(scfg.n_samples, 10)
+        idx = torch.randperm(len(test_u8), generator=torch.Generator().manual_seed(self.args.seed))[:n]
+        known = dequantize(test_u8[idx], None).to(device)  # (n, 1, 28, 28)
+        mask = inpainting_mask(kind, known.shape, generator, device)
+        x0 = torch.rand(known.shape, generator=generator, device=device)
+        t0 = time.time()
+        completed = anneal_langevin_dynamics(score_fn, x0, sigmas, scfg.n_steps_each, scfg.step_lr, generator,
+                                             denoise=scfg.denoise, known=known, mask=mask)
+        log.info("inpainted %d digits (%s hidden) in %.1f s", n, kind, time.time() - t0)
+        from torchvision.utils import save_image
+        shown = torch.where(mask, known, torch.full_like(known, 0.5))
+        save_image(torch.cat([known, shown, completed.clamp(0, 1)]).cpu(), names[f"inpaint_{kind}.png"], nrow=n,
+                   padding=2)
+        log.info("wrote %s", names[f"inpaint_{kind}.png"])
+        return 0
+
+
+def draw_samples(score_fn, sigmas, config, n, generator, device, callback=None):
+    """n samples by annealed Langevin dynamics from U[0, 1] noise, in batches of sampling.batch_size;
+    `callback` sees the first batch only. Returns the raw final tensor (n, 1, 28, 28) on the CPU."""
+    scfg, batches = config.sampling, []
+    for b in range(0, n, scfg.batch_size):
+        m = min(scfg.batch_size, n - b)
+        x0 = torch.rand(m, config.data.channels, config.data.image_size, config.data.image_size,
+                        generator=generator, device=device)  # (m, 1, 28, 28) ~ U[0, 1]
+        if config.data.logit_transform:
+            x0 = logit_transform(x0)
+        batches.append(anneal_langevin_dynamics(score_fn, x0, sigmas, scfg.n_steps_each, scfg.step_lr, generator,
+                                                callback=callback if b == 0 else None,
+                                                denoise=scfg.denoise).cpu())
+    return torch.cat(batches)
 
 
 def write_samples(samples, frames, names, to_image):

@@ -40,6 +40,9 @@ class Model:
     sigma_end: float  # smallest noise level sigma_L
     num_classes: int  # L, the number of noise levels (geometric between the two)
     ngf: int  # base width of the RefineNet (64 in the paper)
+    ema: bool = False  # keep an exponential moving average of the weights (NCSNv2, technique 5)
+    ema_rate: float = 0.999  # its decay per step
+    scale_by_sigma: bool = False  # s(x, sigma_i) = f(x, i) / sigma_i, as the NCSNv2 network (technique 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +61,8 @@ class Sampling:
     n_samples: int = 100  # images drawn by --sample (shown as a square-ish grid)
     batch_size: int = 100  # images per sampling batch
     n_frames: int = 100  # frames of movie.gif along the trajectory
+    denoise: bool = False  # after the last level, one step x <- x + sigma_L^2 s(x, sigma_L) (NCSNv2, appendix)
+    ema: bool = True  # sample (and compute the test loss) with the EMA weights when the run keeps them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +108,7 @@ RULES = [  # (key, test, what it must be): checked once, after the types
     ("sampling.n_samples", lambda v: v >= 1, ">= 1"),
     ("sampling.batch_size", lambda v: v >= 1, ">= 1"),
     ("sampling.n_frames", lambda v: v >= 1, ">= 1"),
+    ("model.ema_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
 ]
 
 

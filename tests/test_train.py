@@ -9,6 +9,7 @@ from PIL import Image
 import main
 from conftest import run_main, snapshot_tree, tiny_config, write_config, write_fake_mnist
 from runner import read_scalars
+from schema import config_from_dict, config_to_dict
 
 
 def train(tmp_path, cfg, doc, *extra):
@@ -27,12 +28,13 @@ def test_training_run_writes_checkpoints_config_log_and_tensorboard(tmp_path, fa
     logs = tmp_path / "run" / "logs" / "t"
     assert sorted(os.listdir(logs)) == ["checkpoint.pth", "checkpoint_3.pth", "checkpoint_6.pth", "config.yml",
                                         "stdout.txt"]
-    assert yaml.safe_load((logs / "config.yml").read_text()) == cfg
+    written = yaml.safe_load((logs / "config.yml").read_text())  # the resolved config: every key, defaults too
+    assert written == config_to_dict(config_from_dict(cfg)) and written["sampling"]["denoise"] is False
     assert "step 6: saved checkpoint_6.pth" in (logs / "stdout.txt").read_text()
     c = ckpt(tmp_path, "t")
     assert set(c) >= {"model", "optimizer", "step", "epoch", "batch_in_epoch", "config", "seed", "rng"}
     # 64 training images at batch 8: 8 steps an epoch, so after step 6 the next batch is epoch 0, batch 6
-    assert (c["step"], c["epoch"], c["batch_in_epoch"], c["config"]) == (6, 0, 6, cfg)
+    assert (c["step"], c["epoch"], c["batch_in_epoch"], c["config"]) == (6, 0, 6, written)
     assert torch.equal(c["model"]["end_conv.weight"], ckpt(tmp_path, "t", "checkpoint_6.pth")["model"]["end_conv.weight"])
     scalars = read_scalars(tmp_path / "run" / "tensorboard" / "t")
     assert sorted(scalars["loss"]) == [1, 2, 3, 4, 5, 6] and sorted(scalars["test_loss"]) == [2, 4, 6]

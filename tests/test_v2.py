@@ -1,0 +1,127 @@
+"""The NCSNv2 switches: EMA, the noise-design rules, the final denoising step, inpainting."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import pdist
+from scipy.stats import norm
+
+import main
+import runner
+from conftest import tiny_config, write_config
+from test_method import gaussian_score
+
+
+def test_ema_update_is_the_exponential_average():
+    model = torch.nn.Linear(3, 2)
+    ema = runner.make_ema(model)
+    p0 = [p.detach().clone() for p in model.parameters()]
+    rate, values = 0.9, []
+    for k in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)  # theta_k = theta_0 + k + 1
+        runner.ema_update(ema, model, rate)
+        values.append(k + 1)
+    # ema_5 = rate^5 theta_0 + sum_k (1 - rate) rate^(5 - k) (theta_0 + k)
+    expected_shift = sum((1 - rate) * rate ** (5 - k) * k for k in values)
+    for e, p in zip(ema.parameters(), p0):
+        torch.testing.assert_close(e, p + expected_shift)
+        assert not e.requires_grad
+
+
+def test_noise_rules_against_hand_computed_values():
+    g = runner.noise_ratio_gamma(784)
+    c = math.sqrt(2 * 784)
+    assert norm.cdf(c * (g - 1) + 3 * g) - norm.cdf(c * (g - 1) - 3 * g) == pytest.approx(0.5, abs=1e-9)
+    assert g == pytest.approx(1.082, abs=0.001)  # by hand: the equation gives 0.528 at 1.080 and 0.456 at 1.085
+    # 1 + log(16.9 / 0.01) / log(1.082) = 95.3: 96 levels, the issue's "about 96"
+    assert runner.num_noise_levels(16.9, 0.01, 1.082) == 96
+    assert runner.num_noise_levels(1.0, 0.01, 0.01 ** (-1 / 9)) == 10  # the v1 geometric sequence
+    def f(eps, T, s=0.01):  # technique 4's expression, written out again
+        r = 1 - eps / s ** 2
+        cterm = 2 * eps / (s ** 2 - s ** 2 * r ** 2)
+        return r ** (2 * T) * (g ** 2 - cterm) + cterm
+
+    for T in (5, 100):
+        eps = runner.langevin_step_lr(0.01, g, T)
+        assert 0 < eps < 0.01 ** 2
+        # the rule picks the eps that brings f closest to 1: any other eps does worse
+        assert all(abs(f(eps, T) - 1) <= abs(f(eps * k, T) - 1) for k in (0.5, 0.9, 0.99, 1.01, 1.1, 2))
+    assert abs(f(runner.langevin_step_lr(0.01, g, 100), 100) - 1) < 0.02  # 100 steps get close to 1
+    assert runner.langevin_step_lr(0.01, g, 100) < runner.langevin_step_lr(0.01, g, 5)  # more steps, smaller
+
+
+def test_max_pairwise_distance_matches_brute_force():
+    x = torch.rand(300, 20) * torch.linspace(0.1, 3, 20)
+    d, (i, j) = runner.max_pairwise_distance(x, chunk=64)
+    assert d == pytest.approx(pdist(x.double().numpy()).max(), rel=1e-12)
+    assert d == pytest.approx(float((x[i].double() - x[j].double()).norm()), rel=1e-12)
+
+
+def test_denoising_step_is_tweedie_on_the_last_level():
+    sigmas = torch.tensor([1.0, 0.3])
+    score = gaussian_score(0.5, 0.2, sigmas)
+    x0 = torch.rand(64, 1, 4, 4)
+    last = []
+    out = runner.anneal_langevin_dynamics(score, x0, sigmas, 3, 1e-3, torch.Generator().manual_seed(0),
+                                          callback=lambda i, t, x: last.append(x.clone()), denoise=True)
+    x = last[-1]
+    # x + sigma_L^2 s(x) with the exact score is E[x_0 | x] = mu + s0^2 / (s0^2 + sigma_L^2) (x - mu)
+    torch.testing.assert_close(out, x + 0.3 ** 2 * score(x, torch.ones(64, dtype=torch.long)))
+    torch.testing.assert_close(out, 0.5 + 0.04 / (0.04 + 0.09) * (x - 0.5))
+    plain = runner.anneal_langevin_dynamics(score, x0, sigmas, 3, 1e-3, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(plain, x)
+
+
+@pytest.mark.parametrize("kind", ["bottom", "right", "square", "random"])
+def test_inpainting_never_changes_the_known_pixels(kind):
+    g = torch.Generator().manual_seed(0)
+    known = torch.rand(5, 1, 28, 28, generator=g)
+    mask = runner.inpainting_mask(kind, known.shape, g)
+    assert 0 < mask.float().mean() < 1
+    net = torch.nn.Conv2d(1, 1, 3, padding=1)  # any score at all: the known pixels must still come back exactly
+    out = runner.anneal_langevin_dynamics(lambda x, y: net(x) * 10, torch.rand(known.shape, generator=g),
+                                          torch.tensor([1.0, 0.1]), 4, 1e-3, g, known=known, mask=mask,
+                                          denoise=True)
+    assert torch.equal(out[mask], known[mask])
+    assert not torch.equal(out[~mask], known[~mask])
+
+
+def test_ema_run_checkpoints_resumes_and_samples_with_ema(tmp_path, fake_mnist):
+    cfg = tiny_config(fake_mnist, **{"model.ema": True, "model.ema_rate": 0.9, "training.n_iters": 6,
+                                     "training.snapshot_freq": 3})
+    path = write_config(tmp_path / "c.yml", cfg)
+    run = ["--run", str(tmp_path / "run")]
+    assert main.main(["--config", path, *run, "--doc", "full"]) == 0
+    half = write_config(tmp_path / "h.yml", {**cfg, "training": {**cfg["training"], "n_iters": 3}})
+    assert main.main(["--config", half, *run, "--doc", "half"]) == 0
+    assert main.main(["--config", path, *run, "--doc", "half", "--resume_training"]) == 0
+    a = torch.load(tmp_path / "run/logs/full/checkpoint.pth", weights_only=True)
+    b = torch.load(tmp_path / "run/logs/half/checkpoint.pth", weights_only=True)
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert not torch.equal(a["ema"]["end_conv.weight"], a["model"]["end_conv.weight"])
+    # sampling uses the EMA weights unless sampling.ema is off
+    assert main.main([*run, "--doc", "full", "--sample", "-o", str(tmp_path / "ema")]) == 0
+    raw = write_config(tmp_path / "raw.yml", {**cfg, "sampling": {**cfg["sampling"], "ema": False}})
+    assert main.main(["--config", raw, *run, "--doc", "full", "--sample", "-o", str(tmp_path / "raw")]) == 0
+    s_ema = torch.load(tmp_path / "ema" / "samples.pt", weights_only=True)
+    s_raw = torch.load(tmp_path / "raw" / "samples.pt", weights_only=True)
+    assert not torch.equal(s_ema, s_raw)
+
+
+def test_inpaint_and_noise_design_commands(tmp_path, fake_mnist, capsys):
+    cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 2}))
+    run = ["--run", str(tmp_path / "run")]
+    assert main.main(["--config", cfg, *run, "--doc", "i"]) == 0
+    assert main.main([*run, "--doc", "i", "--inpaint", "square", "-o", str(tmp_path / "o")]) == 0
+    from PIL import Image
+    assert Image.open(tmp_path / "o" / "inpaint_square.png").size == (4 * 30 + 2, 3 * 30 + 2)  # 4 digits, 3 rows
+    capsys.readouterr()
+    assert main.main(["--config", cfg, *run, "--noise_design"]) == 0
+    out = capsys.readouterr().out
+    train = runner.load_mnist(fake_mnist, train=True).float() / 255
+    d = pdist(train.flatten(1).double().numpy()).max()
+    assert f"num_classes: {runner.num_noise_levels(d, 0.01, runner.noise_ratio_gamma(784))}" in out
+    assert f"sigma_begin: {d:.4f}" in out
