@@ -1,0 +1,100 @@
+"""report.ipynb: executed headless with nbclient against a tiny run, and kept free of outputs in git."""
+import json
+import os
+import shutil
+
+import nbclient
+import nbformat
+import pytest
+
+import main
+from conftest import REPO, tiny_config, write_config, write_fake_mnist
+
+NOTEBOOK = os.path.join(REPO, "report.ipynb")
+
+
+def read_notebook():
+    return nbformat.read(NOTEBOOK, as_version=4)
+
+
+def execute(nb, run, doc, image_folder):
+    """Point the notebook's parameters cell (tagged 'parameters') at the run and execute it in the repo root."""
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1, "report.ipynb needs exactly one cell tagged 'parameters'"
+    params[0].source = f"RUN = {str(run)!r}\nDOC = {doc!r}\nIMAGE_FOLDER = {str(image_folder)!r}"
+    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                                     resources={"metadata": {"path": REPO}})
+    client.execute()
+    return nb
+
+
+def outputs(nb, kind):
+    """Outputs of the executed notebook: the 'image/png' ones, or the text of the stream ones."""
+    found = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if kind == "image/png" and "image/png" in out.get("data", {}):
+                found.append(out["data"]["image/png"])
+            elif kind == "stream" and out.get("output_type") == "stream":
+                found.append(out["text"])
+    return found
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 6-step run on fake MNIST with a test loss every 2 steps, and its samples."""
+    tmp = tmp_path_factory.mktemp("nbrun")
+    cfg = tiny_config(write_fake_mnist(str(tmp / "data")), **{"training.n_iters": 6, "training.test_freq": 2})
+    run, images = tmp / "run", tmp / "images"
+    assert main.main(["--config", write_config(tmp / "c.yml", cfg), "--run", str(run), "--doc", "t"]) == 0
+    assert main.main(["--run", str(run), "--doc", "t", "--sample", "-o", str(images)]) == 0
+    return run, images
+
+
+def test_committed_notebook_has_no_outputs():
+    nb = read_notebook()
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code, "report.ipynb has no code cells"
+    stale = [i for i, c in enumerate(code) if c.outputs or c.execution_count is not None]
+    assert not stale, f"code cells {stale} of report.ipynb hold outputs: clear them before committing"
+
+
+def test_notebook_runs_on_a_tiny_run(tiny_run):
+    run, images = tiny_run
+    nb = execute(read_notebook(), run, "t", images)
+    pngs = outputs(nb, "image/png")
+    # the loss curves, the sample grid and the trajectory strip; this run has no per-level loss or metrics
+    assert len(pngs) >= 3, f"expected at least 3 plots, got {len(pngs)}"
+    assert all(len(p) > 1000 for p in pngs), "an image output is suspiciously small"
+    text = "".join(outputs(nb, "stream"))
+    assert os.path.join(str(run), "logs", "t") in text  # it looked at the run it was given
+    assert "loss: 6 values" in text and "test_loss: 3 values" in text
+    assert "frames shown" in text
+    assert "no per-level test loss" in text and "no quality metrics" in text
+
+
+def test_notebook_plots_per_level_loss_and_metrics(tiny_run):
+    """The same run copied under another doc, with per-level test losses and metrics added: 5 plots."""
+    run, images = tiny_run
+    shutil.copytree(run / "logs" / "t", run / "logs" / "rich")
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(run / "tensorboard" / "rich")) as writer:
+        for step in (2, 4, 6):
+            writer.add_scalar("loss", 400.0 / step, step)
+            for i in range(4):  # tiny_config has 4 noise levels
+                writer.add_scalar(f"test_loss/level_{i}", 300.0 / step + i, step)
+            writer.add_scalar("metrics/fid", 100.0 / step, step)
+    with open(run / "logs" / "rich" / "metrics.json", "w") as f:
+        json.dump([{"step": 6, "inception_score": 1.5, "class_shares": [0.1] * 10}], f)
+    nb = execute(read_notebook(), run, "rich", images)
+    assert len(outputs(nb, "image/png")) == 5
+    text = "".join(outputs(nb, "stream"))
+    assert "skipped" not in text
+    assert "test_loss/level_3: 3 values" in text and "metrics/fid: 3 values" in text
+
+
+def test_notebook_stops_on_a_missing_run(tmp_path):
+    with pytest.raises(nbclient.exceptions.CellExecutionError, match="no run at"):
+        execute(read_notebook(), tmp_path / "nowhere", "t", tmp_path / "images")
