@@ -9,6 +9,7 @@ number when training was stopped by SIGINT or SIGTERM (after writing a checkpoin
 """
 import argparse
 import logging
+import os
 import sys
 
 from schema import ConfigError, load_config
@@ -59,12 +60,21 @@ def main(argv=None):
     import torch  # imported here so that `--help` and config errors answer at once
     import runner
 
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun with several processes
     try:
         config = None
         if not (args.sample or args.inpaint) or args.config is not None:
             config = load_config(args.config or "config.yml")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        log.info("device %s, torch %s, seed %d%s", device, torch.__version__, args.seed,
+        if distributed:
+            if device.type == "cuda":
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(device)
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            if torch.distributed.get_rank() != 0:
+                log.setLevel(max(log.level, logging.WARNING))  # rank 0 speaks for the run
+        log.info("device %s, torch %s, seed %d%s%s", device, torch.__version__, args.seed,
+                 f", {torch.distributed.get_world_size()} processes" if distributed else "",
                  f", comment: {args.comment}" if args.comment else "")
         r = runner.Runner(args, config, device)
         if args.noise_design:
@@ -86,6 +96,9 @@ def main(argv=None):
         log.debug("traceback:", exc_info=True)
         log.error("%s: %s (run with --verbose debug for the traceback)", type(e).__name__, e)
         return 1
+    finally:
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

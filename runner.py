@@ -60,18 +60,19 @@ def logit_transform(x, lam=1e-6):
     return torch.log(x) - torch.log1p(-x)
 
 
-def dsm_loss(score_fn, x, sigmas, generator=None, labels=None, anneal_power=2.0):
+def dsm_loss(score_fn, x, sigmas, generator=None, labels=None, anneal_power=2.0, z=None):
     """Denoising score matching loss per sample, eq. (5) and (6) of the paper.
 
     For each sample a level i ~ U{0..L-1} (unless `labels` is given) and z ~ N(0, I):
         x~ = x + sigma_i z,    l_i = 1/2 ||s(x~, i) + z / sigma_i||^2 * sigma_i ** anneal_power
     (the target -(x~ - x) / sigma_i^2 is -z / sigma_i). Returns (loss (B,), labels (B,)); the training
-    objective is loss.mean(). Randomness comes only from `generator`.
+    objective is loss.mean(). Randomness comes only from `generator` (or the labels and z given).
     """
     if labels is None:
         labels = torch.randint(len(sigmas), (x.shape[0],), generator=generator, device=x.device)  # (B,)
     sigma = sigmas.to(x.device)[labels].view(-1, *([1] * (x.dim() - 1)))  # (B, 1, 1, 1)
-    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # (B, 1, 28, 28)
+    if z is None:
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # (B, 1, 28, 28)
     x_tilde = x + sigma * z
     score = score_fn(x_tilde, labels).float()  # (B, 1, 28, 28)
     loss = 0.5 * ((score + z / sigma) ** 2).flatten(1).sum(1) * sigma.flatten() ** anneal_power  # (B,)
@@ -214,6 +215,15 @@ def dequantize(x_u8, generator):
     return (x + torch.rand(x.shape, generator=generator, device=x.device)) / 256.0
 
 
+def batch_noise(generator, batch, num_levels, device, shape=(1, 28, 28)):
+    """The randomness of one training step, in the order a single process draws it: the dequantization
+    noise u ~ U[0, 1) (B, 1, 28, 28), the levels i ~ U{0..L-1} (B,) and z ~ N(0, I) (B, 1, 28, 28)."""
+    u = torch.rand((batch, *shape), generator=generator, device=device)
+    labels = torch.randint(num_levels, (batch,), generator=generator, device=device)
+    z = torch.randn((batch, *shape), generator=generator, device=device)
+    return u, labels, z
+
+
 def epoch_permutation(seed, epoch, n):
     """The order of the training set in `epoch`: a function of (seed, epoch) only, so resume needs no state."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2 ** 63))
@@ -336,6 +346,19 @@ def read_scalars(tb_dir):
 
 # ----------------------------------------------------------------------------------------------------------
 
+class NullWriter:
+    """The TensorBoard writer of ranks other than 0."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
 class Runner:
     """Training and sampling for one run: outputs in <run>/logs/<doc> and <run>/tensorboard/<doc>."""
 
@@ -347,6 +370,17 @@ class Runner:
         self.tb_dir = os.path.join(args.run, "tensorboard", args.doc)
         self.ckpt_path = os.path.join(self.log_dir, "checkpoint.pth")
         self._signal = None
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if dist else 0  # under torchrun; 0 and 1 for a plain run
+        self.world = torch.distributed.get_world_size() if dist else 1
+
+    def shard(self, n):
+        """(start, stop) of this rank's share of n items: contiguous, sizes differing by at most one."""
+        return self.rank * n // self.world, (self.rank + 1) * n // self.world
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def checkpoint(self, model, ema, optimizer, generator, step, steps_per_epoch, seed):
@@ -366,6 +400,9 @@ class Runner:
         }
 
     def save(self, state, numbered):
+        """checkpoint_<step>.pth (when numbered) and checkpoint.pth, atomically; rank 0 only."""
+        if self.rank != 0:
+            return
         step = state["step"]
         if numbered:
             path = os.path.join(self.log_dir, f"checkpoint_{step}.pth")
@@ -434,15 +471,12 @@ class Runner:
     def train(self):
         cfg, args, device = self.config, self.args, self.device
         tcfg = cfg.training
-        resume = args.resume_training
-        if not resume and (os.path.exists(self.log_dir) or os.path.exists(self.tb_dir)):
+        if not args.resume_training and (os.path.exists(self.log_dir) or os.path.exists(self.tb_dir)):
             raise NCSNError(f"run folder {self.log_dir} already exists: pick another --doc, or pass "
                             f"--resume_training to continue it")
-        ckpt = None
-        if resume:
-            ckpt = self.latest_checkpoint()
-            if ckpt is not None:
-                self._check_resumable(ckpt)
+        ckpt = self.latest_checkpoint() if args.resume_training else None
+        if ckpt is not None:
+            self._check_resumable(ckpt)
         seed = ckpt["seed"] if ckpt else args.seed
         if ckpt and seed != args.seed:
             log.info("resuming with the run's seed %d (not --seed %d)", seed, args.seed)
@@ -458,27 +492,29 @@ class Runner:
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, 0.999),
                                      weight_decay=cfg.optim.weight_decay, amsgrad=cfg.optim.amsgrad,
                                      fused=True if cfg.fast.fused_adam else None)
-        generator = torch.Generator(device).manual_seed(seed)
+        generator = torch.Generator(device).manual_seed(seed)  # the same stream on every rank
         sigmas = get_sigmas(cfg.model.sigma_begin, cfg.model.sigma_end, cfg.model.num_classes).to(device)
         ema = make_ema(model) if cfg.model.ema else None
         start = self.load_state(ckpt, model, ema, optimizer, generator)
         if start >= n_total:
             raise NCSNError(f"the checkpoint is at step {start} and the config ends at step {n_total}: "
                             f"raise training.n_iters (or n_epochs) to train further")
-
-        self._make_run_folders()
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(self.tb_dir)
-        log.info("%s at step %d of %d (%d steps an epoch of %d images, batch %d); %d parameters",
+        self.barrier()  # every rank has checked the run folder before rank 0 writes into it
+        writer = self._make_run_folders()
+        log.info("%s at step %d of %d (%d steps an epoch of %d images, batch %d%s); %d parameters",
                  "resuming" if start else "training", start + 1, n_total, steps_per_epoch, n, bs,
-                 sum(p.numel() for p in model.parameters()))
+                 f" over {self.world} ranks" if self.world > 1 else "", sum(p.numel() for p in model.parameters()))
 
+        net = model
+        if self.world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                                            else None)
         to_model = logit_transform if cfg.data.logit_transform else (lambda x: x)  # data space of the model
-        score_fn = make_score_fn(model, cfg, device, sigmas)
+        score_fn = make_score_fn(net, cfg, device, sigmas)
         eval_score_fn = make_score_fn(ema if ema is not None else model, cfg, device, sigmas)  # for the test loss
 
         from tqdm import tqdm
-        bar = tqdm(total=n_total, initial=start, disable=None, dynamic_ncols=True, desc="train")
+        bar = tqdm(total=n_total, initial=start, disable=None if self.rank == 0 else True, desc="train")
         window = []  # (step, per-sample loss, labels) on the device, read back every log_freq steps
         perm, perm_epoch = None, None
         old_handlers = self._catch_signals()
@@ -487,34 +523,43 @@ class Runner:
                 epoch, i = divmod(step - 1, steps_per_epoch)
                 if perm_epoch != epoch:
                     perm, perm_epoch = epoch_permutation(seed, epoch, n).to(device), epoch
-                x = to_model(dequantize(train_u8[perm[i * bs:(i + 1) * bs]], generator))  # (B, 1, 28, 28)
+                # the whole global batch's noise is drawn on every rank, which keeps its slice: the run is the
+                # same for any number of ranks, and resumes with any number
+                idx = perm[i * bs:(i + 1) * bs]  # (B,) global batch
+                u, labels, z = batch_noise(generator, len(idx), len(sigmas), device)
+                own = slice(*self.shard(len(idx)))
+                x = to_model((train_u8[idx[own]].unsqueeze(1).float() + u[own]) / 256)  # (b, 1, 28, 28)
                 model.train()
-                loss, labels = dsm_loss(score_fn, x, sigmas, generator, anneal_power=tcfg.anneal_power)
+                loss, _ = dsm_loss(score_fn, x, sigmas, labels=labels[own], z=z[own],
+                                   anneal_power=tcfg.anneal_power)
                 optimizer.zero_grad(set_to_none=True)
-                loss.mean().backward()
+                (loss.sum() * self.world / len(idx)).backward()  # DDP averages: the mean over the global batch
                 optimizer.step()
                 if ema is not None:
                     ema_update(ema, model, cfg.model.ema_rate)
-                window.append((step, loss.detach(), labels))
+                window.append((step, loss.detach(), labels[own]))
 
                 snapshot = step % tcfg.snapshot_freq == 0 or step == n_total
-                if step % tcfg.log_freq == 0 or step % tcfg.test_freq == 0 or snapshot or self._signal:
-                    last = self._flush(window, writer, sigmas)
+                if step % tcfg.log_freq == 0 or step % tcfg.test_freq == 0 or snapshot or \
+                        (self._signal and self.world == 1):
+                    last, stop = self._flush(window, writer, sigmas, len(idx))
                     window = []
                     bar.set_postfix(loss=f"{last:.4f}", refresh=False)
                     bar.update(step - bar.n)
-                if step % tcfg.test_freq == 0:
+                else:
+                    stop = None
+                if step % tcfg.test_freq == 0 and self.rank == 0:
                     test_loss = self.test_loss(eval_score_fn, to_model, test_u8, sigmas, seed, step)
                     writer.add_scalar("test_loss", test_loss, step)
                     log.info("step %d: loss %.4f, test loss %.4f", step, last, test_loss)
-                if snapshot or self._signal:
+                if snapshot or stop:
                     writer.flush()
                     self.save(self.checkpoint(model, ema, optimizer, generator, step, steps_per_epoch, seed),
                               numbered=snapshot)
-                if self._signal:
-                    signame = signal.Signals(self._signal).name
-                    raise Interrupted(self._signal, f"{signame} at step {step}: checkpoint written, continue "
-                                                    f"with --resume_training --doc {args.doc}")
+                if stop:
+                    signame = signal.Signals(stop).name
+                    raise Interrupted(stop, f"{signame} at step {step}: checkpoint written, continue "
+                                            f"with --resume_training --doc {args.doc}")
         finally:
             self._restore_signals(old_handlers)
             bar.close()
@@ -542,18 +587,26 @@ class Runner:
                         rng["generator_device"], generator.device.type)
         return ckpt["step"]
 
-    def _flush(self, window, writer, sigmas):
-        """Read the window's losses back from the device, stop on a non-finite one, log them to TensorBoard."""
-        means = torch.stack([loss.mean() for _, loss, _ in window]).tolist()  # one device sync for W steps
-        for (step, loss, labels), value in zip(window, means):
+    def _flush(self, window, writer, sigmas, batch):
+        """Read the window's losses back from the device (summed over ranks), stop on a non-finite one, log them
+        to TensorBoard. Returns (the last step's loss, the signal to stop on or None): under DDP the ranks
+        agree here on stopping, so a signal takes effect at the next log step."""
+        sums = torch.stack([loss.sum() for _, loss, _ in window] + [torch.tensor(float(self._signal or 0),
+                                                                                  device=self.device)])
+        if self.world > 1:
+            torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+        sums = sums.tolist()  # one device sync for W steps
+        stop = int(sums.pop() > 0) and (self._signal or signal.SIGTERM)
+        for (step, loss, labels), total in zip(window, sums):
+            value = total / batch
             if not math.isfinite(value):
                 levels = sorted(set(labels[~torch.isfinite(loss)].tolist()))
                 raise NCSNError(f"non-finite loss at step {step} at noise level(s) "
-                                f"{', '.join(f'{i} (sigma {float(sigmas[i]):.4g})' for i in levels)}: stopped; "
-                                f"the last good checkpoint is kept")
+                                f"{', '.join(f'{i} (sigma {float(sigmas[i]):.4g})' for i in levels) or '(another rank)'}"
+                                f": stopped; the last good checkpoint is kept")
             writer.add_scalar("loss", value, step)
-        log.debug("step %d: loss %.5f", window[-1][0], means[-1])
-        return means[-1]
+        log.debug("step %d: loss %.5f", window[-1][0], value)
+        return value, stop or None
 
     def test_loss(self, score_fn, to_model, test_u8, sigmas, seed, step):
         """DSM loss on a test batch; its randomness is a function of (seed, step), so resume needs no state."""
@@ -565,6 +618,10 @@ class Runner:
         return float(loss.mean())
 
     def _make_run_folders(self):
+        """Rank 0 makes the run folder, writes config.yml and logs to stdout.txt; returns the TensorBoard
+        writer (one that writes nothing on other ranks)."""
+        if self.rank != 0:
+            return NullWriter()
         try:
             for d in (self.log_dir, self.tb_dir):
                 os.makedirs(d, exist_ok=True)
@@ -583,6 +640,8 @@ class Runner:
         handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s - %(message)s"))
         log.addHandler(handler)
         log.info("run %s: %s", self.args.doc, " ".join(f"{k}={v}" for k, v in vars(self.args).items()))
+        from tensorboardX import SummaryWriter
+        return SummaryWriter(self.tb_dir)
 
     def _catch_signals(self):
         def handler(signum, frame):
@@ -662,11 +721,23 @@ class Runner:
                 frames.append(to_image(x[:n_grid]).clamp(0, 1).cpu())
 
         t0 = time.time()
-        samples = draw_samples(score_fn, sigmas, run_cfg, scfg.n_samples, generator, device, callback=record)
+        lo, hi = self.shard(scfg.n_samples)  # under torchrun each rank draws its share, with its own seed
+        generator.manual_seed(self.args.seed + 1_000_003 * self.rank)
+        samples = draw_samples(score_fn, sigmas, run_cfg, hi - lo, generator, device, callback=record)
+        samples = self.gather(samples)
         log.info("sampled %d images in %.1f s", scfg.n_samples, time.time() - t0)
-        write_samples(samples, frames, names, to_image)
-        log.info("wrote %s", ", ".join(names.values()))
+        if self.rank == 0:
+            write_samples(samples, frames, names, to_image)
+            log.info("wrote %s", ", ".join(names.values()))
         return 0
+
+    def gather(self, x):
+        """Concatenate every rank's tensor in rank order (on all ranks); x itself when not distributed."""
+        if self.world == 1:
+            return x
+        parts = [None] * self.world
+        torch.distributed.all_gather_object(parts, x.cpu())
+        return torch.cat(parts)
 
     def noise_design(self):
         """Print the noise levels and Langevin step that NCSNv2's rules (techniques 1, 2 and 4 of Song & Ermon,

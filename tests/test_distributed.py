@@ -1,0 +1,82 @@
+"""torchrun with 2 gloo processes on the CPU: the same parameters as one process with the same global batch,
+and resume across process counts (2 -> 1 and 1 -> 2)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_config, write_config
+
+PLAIN = {"fast.bf16": False, "fast.fused_adam": False}  # fp32: the comparison is up to summation order only
+
+
+def torchrun(nproc, *args, cwd):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(REPO, "main.py"), *map(str, args)]
+    if nproc == 1:
+        cmd = [sys.executable, os.path.join(REPO, "main.py"), *map(str, args)]
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+def params(tmp_path, doc):
+    return torch.load(tmp_path / "run" / "logs" / doc / "checkpoint.pth", weights_only=True)
+
+
+def assert_close_params(a, b):
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from conftest import write_fake_mnist
+    tmp = tmp_path_factory.mktemp("ddp")
+    data = write_fake_mnist(str(tmp / "data"), n_train=60, n_test=16)
+    # batch 10 over 60 images: 6 steps an epoch; 8 steps cross an epoch boundary
+    c4 = write_config(tmp / "c4.yml", tiny_config(data, **{"training.batch_size": 10, "training.n_iters": 4,
+                                                           "training.snapshot_freq": 4}, **PLAIN))
+    c8 = write_config(tmp / "c8.yml", tiny_config(data, **{"training.batch_size": 10, "training.n_iters": 8,
+                                                           "training.snapshot_freq": 4}, **PLAIN))
+    return tmp, c4, c8
+
+
+def test_two_processes_match_one(runs):
+    tmp, c4, c8 = runs
+    torchrun(1, "--config", c8, "--doc", "one", cwd=tmp)
+    p = torchrun(2, "--config", c8, "--doc", "two", cwd=tmp)
+    assert "over 2 ranks" in p.stderr
+    one, two = params(tmp, "one"), params(tmp, "two")
+    assert_close_params(one, two)
+    # only rank 0 wrote: one log, one TensorBoard file
+    assert len(os.listdir(tmp / "run" / "tensorboard" / "two")) == 1
+    assert (tmp / "run" / "logs" / "two" / "stdout.txt").read_text().count("training at step 1 ") == 1
+
+
+def test_resume_across_process_counts(runs):
+    tmp, c4, c8 = runs
+    if not (tmp / "run" / "logs" / "one").exists():
+        torchrun(1, "--config", c8, "--doc", "one", cwd=tmp)
+    reference = params(tmp, "one")
+    torchrun(2, "--config", c4, "--doc", "two_to_one", cwd=tmp)
+    torchrun(1, "--config", c8, "--doc", "two_to_one", "--resume_training", cwd=tmp)
+    assert_close_params(params(tmp, "two_to_one"), reference)
+    torchrun(1, "--config", c4, "--doc", "one_to_two", cwd=tmp)
+    p = torchrun(2, "--config", c8, "--doc", "one_to_two", "--resume_training", cwd=tmp)
+    assert "resuming at step 5 " in p.stderr
+    assert_close_params(params(tmp, "one_to_two"), reference)
+
+
+def test_sampling_split_over_two_processes(runs):
+    tmp, c4, c8 = runs
+    if not (tmp / "run" / "logs" / "one").exists():
+        torchrun(1, "--config", c8, "--doc", "one", cwd=tmp)
+    torchrun(2, "--doc", "one", "--sample", "-o", tmp / "s2", cwd=tmp)
+    samples = torch.load(tmp / "s2" / "samples.pt", weights_only=True)
+    assert samples.shape == (4, 1, 28, 28)  # sampling.n_samples of tiny_config, two from each rank
+    assert not torch.equal(samples[:2], samples[2:])  # the ranks draw with different seeds
