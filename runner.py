@@ -30,7 +30,7 @@ MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 RESUMABLE_CHANGES = {"training.n_epochs", "training.n_iters", "training.snapshot_freq", "training.test_freq",
                      "training.log_freq", "training.keep_snapshots", "data.root", "sampling.n_steps_each",
                      "sampling.step_lr", "sampling.n_samples", "sampling.batch_size", "sampling.n_frames",
-                     "fast.bf16", "fast.fast_elu", "fast.fused_adam", "fast.channels_last"}
+                     "fast.bf16", "fast.fast_kernels", "fast.fused_adam", "fast.channels_last"}
 
 
 class NCSNError(RuntimeError):
@@ -274,7 +274,7 @@ def config_differences(old, new):
 def make_model(config, device):
     model = CondRefineNetDilated(ngf=config.model.ngf, num_classes=config.model.num_classes,
                                  channels=config.data.channels, logit_transform=config.data.logit_transform,
-                                 fast_elu=config.fast.fast_elu).to(device)
+                                 fast_kernels=config.fast.fast_kernels).to(device)
     return model.to(memory_format=memory_format(config))
 
 

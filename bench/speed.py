@@ -3,9 +3,11 @@
     .venv/bin/python bench/speed.py                       # ngf 64 and ngf 16, batch 128, on the CPU (and CUDA)
     .venv/bin/python bench/speed.py --ngf 32 --repeats 5 --profile
 
-plain: fp32, eager, contiguous layout, torch's F.elu, Adam with its default (foreach) kernels.
+plain: fp32, eager, contiguous layout, the straightforward kernels (F.elu, torch.var_mean for the CIN++
+       statistics, F.avg_pool2d for the 5x5 pooling), Adam with its default (foreach) kernels.
 fast:  what `fast:` in config.yml turns on: bf16 autocast with fp32 master weights (network input and
-       output kept in fp32), the vectorised ELU of model.py, fused Adam (and channels_last if asked).
+       output kept in fp32), model.py's fast kernels (vectorised ELU, CIN++ statistics from E[x] and E[x^2],
+       the pooling as a depthwise convolution), fused Adam (and channels_last if asked).
 Each variant runs `--repeats` timed repetitions after a warm-up, alternating plain and fast so that load
 from other processes hits both alike; the table gives medians. A training step is the repository's own DSM
 loss, backward and Adam step; a sampling step is one network evaluation of annealed Langevin dynamics
@@ -32,9 +34,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def matmul_peak(device, dtype, n=2048, reps=10):
+def matmul_peak(device, dtype, n=2048, reps=20):
+    """The machine's peak in this dtype: the best of `reps` large matrix multiplies, after a warm-up."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
+    for _ in range(3):
+        a @ b
     sync(device)
     times = []
     for _ in range(reps):
@@ -42,7 +46,7 @@ def matmul_peak(device, dtype, n=2048, reps=10):
         a @ b
         sync(device)
         times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times)  # FLOP/s
+    return 2 * n ** 3 / min(times)  # FLOP/s
 
 
 def reset_peak_memory(device):
@@ -62,13 +66,32 @@ def peak_memory(device):
                 return int(line.split()[1]) * 1024
 
 
+def peak_memory_in_fresh_process(name, ngf, device, batch, channels_last):
+    """Peak memory of two training steps of one variant, alone in a new process (on the CPU the peak resident
+    set, which includes torch's own ~0.5 GiB; on CUDA the peak allocated memory)."""
+    import subprocess
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory_of", name, "--ngf", str(ngf), "--batch", str(batch),
+           "--device", str(device)] + (["--channels_last"] if channels_last else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+def memory_of(name, ngf, device, batch, channels_last):
+    v = Variant(name, ngf, device, batch, fast=name == "fast", channels_last=channels_last)
+    v.sample_step()
+    reset_peak_memory(device)
+    v.train_step()
+    v.train_step()
+    return peak_memory(device)
+
+
 class Variant:
     """One configuration of model + optimiser + precision, with a timed training and sampling step."""
 
     def __init__(self, name, ngf, device, batch, fast, channels_last=False):
         torch.manual_seed(0)
         self.name, self.device, self.batch, self.fast = name, device, batch, fast
-        self.model = CondRefineNetDilated(ngf=ngf, num_classes=10, fast_elu=fast).to(device)
+        self.model = CondRefineNetDilated(ngf=ngf, num_classes=10, fast_kernels=fast).to(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=True if fast else None)
@@ -121,9 +144,7 @@ def bench(ngf, device, batch, repeats, channels_last):
             results[v.name]["sample"].append(v.time(v.sample_step, steps))
     rows = []
     for v in variants:
-        reset_peak_memory(device)
-        v.train_step()
-        mem = peak_memory(device)
+        mem = peak_memory_in_fresh_process(v.name, ngf, device, batch, channels_last)
         train_s = statistics.median(results[v.name]["train"])
         sample_s = statistics.median(results[v.name]["sample"])
         train_flops = v.flops(v.train_step)
@@ -141,7 +162,12 @@ def main():
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions of each variant (medians)")
     p.add_argument("--channels_last", action="store_true", help="fast path in channels_last layout")
     p.add_argument("--profile", action="store_true", help="print the top ops of one plain and one fast step")
+    p.add_argument("--memory_of", choices=["plain", "fast"], help=argparse.SUPPRESS)  # internal: one variant
+    p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.memory_of:
+        print(memory_of(args.memory_of, args.ngf[0], torch.device(args.device), args.batch, args.channels_last))
+        return
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, batch {args.batch}, "
           f"medians of {args.repeats}")
@@ -150,7 +176,7 @@ def main():
         peak16 = matmul_peak(device, torch.bfloat16)
         print(f"\n{device}: matmul peak fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s")
         print("| ngf | path | train img/s | sample img/s | train GFLOP/s (% of peak) | sample GFLOP/s (% of peak) "
-              "| peak memory, train step |")
+              "| peak memory, train step (own process) |")
         print("|---|---|---|---|---|---|---|")
         for ngf in args.ngf:
             rows = bench(ngf, device, args.batch, args.repeats, args.channels_last)

@@ -43,15 +43,18 @@ def reference_cin_plus(x, y, embed, eps=1e-5):
     return gamma[..., None, None] * h + beta[..., None, None]
 
 
-def test_cin_plus_equals_its_definition():
+@pytest.mark.parametrize("fast", [False, True])
+def test_cin_plus_equals_its_definition(fast):
     torch.manual_seed(0)
     norm = CondInstanceNormPlus(16, num_classes=4)
+    norm.fast = fast
     with torch.no_grad():
         norm.embed.weight.normal_()  # not the initial (1, 1, 0) rows: every term must count
     x = torch.randn(5, 16, 7, 7, dtype=torch.float64) * 3 + torch.randn(5, 16, 1, 1, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3, 1])
     norm = norm.double()
-    torch.testing.assert_close(norm(x, y), reference_cin_plus(x, y, norm.embed.weight), rtol=1e-10, atol=1e-10)
+    tol = 1e-5 if fast else 1e-10  # the fast statistics accumulate in fp32
+    torch.testing.assert_close(norm(x, y), reference_cin_plus(x, y, norm.embed.weight), rtol=tol, atol=tol)
 
 
 def test_cin_plus_initialisation():
@@ -73,10 +76,20 @@ def test_fast_elu_equals_elu_with_its_gradient():
     torch.testing.assert_close(a, b)
 
 
-def test_network_with_fast_elu_equals_the_plain_one():
+def test_crp_fast_pooling_is_the_5x5_average_pool():
+    from model import CondCRP
+    crp = CondCRP(6, num_classes=3, act=F.elu)
+    x = torch.randn(2, 6, 9, 9)
+    crp.fast = True
+    fast = crp.pool(x)
+    crp.fast = False
+    torch.testing.assert_close(fast, F.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=True))
+
+
+def test_network_with_fast_kernels_equals_the_plain_one():
     torch.manual_seed(0)
-    plain = CondRefineNetDilated(ngf=8, num_classes=4, fast_elu=False)
-    fast = CondRefineNetDilated(ngf=8, num_classes=4, fast_elu=True)
+    plain = CondRefineNetDilated(ngf=8, num_classes=4, fast_kernels=False)
+    fast = CondRefineNetDilated(ngf=8, num_classes=4, fast_kernels=True)
     fast.load_state_dict(plain.state_dict())
     x, y = torch.rand(2, 1, 28, 28), torch.tensor([0, 3])
     torch.testing.assert_close(fast(x, y), plain(x, y), rtol=1e-4, atol=1e-5)

@@ -52,7 +52,7 @@ def test_training_stops_at_whichever_of_epochs_and_iters_comes_first(tmp_path, f
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "plain-path"])
 def test_resumed_run_ends_bitwise_equal_to_an_unbroken_one(tmp_path, fake_mnist, fast):
-    switches = {f"fast.{k}": fast for k in ("bf16", "fast_elu", "fused_adam")}
+    switches = {f"fast.{k}": fast for k in ("bf16", "fast_kernels", "fused_adam")}
     full = tiny_config(fake_mnist, **{"training.n_iters": 12, "training.snapshot_freq": 5}, **switches)
     assert train(tmp_path, full, "full") == 0
     half = tiny_config(fake_mnist, **{"training.n_iters": 5, "training.snapshot_freq": 5}, **switches)
