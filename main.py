@@ -31,6 +31,8 @@ def parse_args(argv=None):
                    help="draw samples from the run's checkpoint with annealed Langevin dynamics")
     p.add_argument("--inpaint", choices=["bottom", "right", "square", "random"],
                    help="complete MNIST test digits with this region hidden, using the run's checkpoint")
+    p.add_argument("--eval", action="store_true",
+                   help="FID and Inception-style score of the run's checkpoint, and its test loss per noise level")
     p.add_argument("--noise_design", action="store_true",
                    help="print the NCSNv2 noise levels and step size that the data and config call for")
     p.add_argument("-o", "--image_folder", default="images", help="where --sample and --inpaint write")
@@ -63,7 +65,7 @@ def main(argv=None):
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun with several processes
     try:
         config = None
-        if not (args.sample or args.inpaint) or args.config is not None:
+        if not (args.sample or args.inpaint or args.eval) or args.config is not None:
             config = load_config(args.config or "config.yml")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if distributed:
@@ -81,6 +83,8 @@ def main(argv=None):
             return r.noise_design()
         if args.inpaint:
             return r.inpaint(args.inpaint)
+        if args.eval:
+            return r.evaluate()
         return r.sample() if args.sample else r.train()
     except ConfigError as e:
         log.error("%s", e)

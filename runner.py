@@ -7,6 +7,7 @@ loads with torch.load(weights_only=True).
 """
 import copy
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -30,7 +31,9 @@ MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 RESUMABLE_CHANGES = {"training.n_epochs", "training.n_iters", "training.snapshot_freq", "training.test_freq",
                      "training.log_freq", "training.keep_snapshots", "data.root", "sampling.n_steps_each",
                      "sampling.step_lr", "sampling.n_samples", "sampling.batch_size", "sampling.n_frames",
-                     "fast.bf16", "fast.fast_kernels", "fast.fused_adam", "fast.channels_last"}
+                     "fast.bf16", "fast.fast_kernels", "fast.fused_adam", "fast.channels_last", "eval.n_samples",
+                     "eval.n_samples_cpu", "eval.every_snapshots", "eval.n_training", "eval.loss_images",
+                     "eval.loss_images_cpu"}
 
 
 class NCSNError(RuntimeError):
@@ -556,6 +559,9 @@ class Runner:
                     writer.flush()
                     self.save(self.checkpoint(model, ema, optimizer, generator, step, steps_per_epoch, seed),
                               numbered=snapshot)
+                k = cfg.eval.every_snapshots
+                if snapshot and k and (step // tcfg.snapshot_freq) % k == 0 and self.rank == 0:
+                    self._metrics_during_training(eval_score_fn, sigmas, test_u8, step, seed)
                 if stop:
                     signame = signal.Signals(stop).name
                     raise Interrupted(stop, f"{signame} at step {step}: checkpoint written, continue "
@@ -641,7 +647,7 @@ class Runner:
         log.addHandler(handler)
         log.info("run %s: %s", self.args.doc, " ".join(f"{k}={v}" for k, v in vars(self.args).items()))
         from tensorboardX import SummaryWriter
-        return SummaryWriter(self.tb_dir)
+        return SummaryWriter(self.tb_dir, filename_suffix=f".{time.time_ns()}")  # unique name per writer
 
     def _catch_signals(self):
         def handler(signum, frame):
@@ -675,7 +681,8 @@ class Runner:
         if self.config is not None:
             log.info("sampling and speed settings from --config %s; the model's from the checkpoint",
                      self.args.config)
-            run_cfg = dataclasses.replace(run_cfg, sampling=self.config.sampling, fast=self.config.fast)
+            run_cfg = dataclasses.replace(run_cfg, sampling=self.config.sampling, fast=self.config.fast,
+                                          eval=self.config.eval)
         model = make_model(run_cfg, device)
         use_ema = run_cfg.model.ema and run_cfg.sampling.ema
         load_model_state(model, ckpt["ema"] if use_ema else ckpt["model"], self.ckpt_path)
@@ -685,7 +692,7 @@ class Runner:
                  " (EMA weights)" if use_ema else "", len(sigmas), run_cfg.sampling.n_steps_each,
                  run_cfg.sampling.step_lr, ", final denoising step" if run_cfg.sampling.denoise else "",
                  self.args.seed)
-        return run_cfg, make_score_fn(model, run_cfg, device, sigmas), sigmas
+        return run_cfg, make_score_fn(model, run_cfg, device, sigmas), sigmas, ckpt["step"]
 
     def _output_paths(self, names):
         out = self.args.image_folder
@@ -705,7 +712,7 @@ class Runner:
         """Annealed Langevin dynamics from U[0, 1] noise with the run's checkpoint; writes into -o:
         samples.png (grid), samples.pt (raw final tensor) and movie.gif (the trajectory)."""
         device = self.device
-        run_cfg, score_fn, sigmas = self.load_trained()
+        run_cfg, score_fn, sigmas, _ = self.load_trained()
         scfg = run_cfg.sampling
         names = self._output_paths(["samples.png", "samples.pt", "movie.gif"])
         generator = torch.Generator(device).manual_seed(self.args.seed)
@@ -739,6 +746,77 @@ class Runner:
         torch.distributed.all_gather_object(parts, x.cpu())
         return torch.cat(parts)
 
+    def evaluate(self):
+        """--eval: FID, Inception-style score, digit shares and confidence of eval.n_samples(_cpu) samples of
+        the run's checkpoint against the MNIST test set, and the DSM loss of the whole test set at each noise
+        level; appended to <run>/logs/<doc>/metrics.json and written to TensorBoard at the checkpoint's step."""
+        import metrics
+
+        device = self.device
+        run_cfg, score_fn, sigmas, step = self.load_trained()
+        n = run_cfg.eval.n_samples if device.type == "cuda" else run_cfg.eval.n_samples_cpu
+        test_u8 = load_mnist(run_cfg.data.root, train=False).to(device)
+        classifier = metrics.get_classifier(run_cfg.data.root, device)
+        reference = metrics.reference_stats(classifier, metrics.to_unit(test_u8))
+        t0 = time.time()
+        lo, hi = self.shard(n)
+        generator = torch.Generator(device).manual_seed(self.args.seed + 1_000_003 * self.rank)
+        samples = self.gather(draw_samples(score_fn, sigmas, run_cfg, hi - lo, generator, device))
+        seconds = time.time() - t0
+        to_image = torch.sigmoid if run_cfg.data.logit_transform else (lambda x: x)
+        result = metrics.sample_metrics(to_image(samples), classifier, reference)
+        to_model = logit_transform if run_cfg.data.logit_transform else (lambda x: x)
+        n_loss = run_cfg.eval.loss_images if device.type == "cuda" else run_cfg.eval.loss_images_cpu
+        levels = test_loss_per_level(score_fn, to_model, test_u8[:n_loss], sigmas, run_cfg.training.anneal_power,
+                                     self.args.seed)
+        record = {"step": step, "fid": result["fid"], "inception_score": result["inception_score"],
+                  "mean_confidence": result["mean_confidence"], "class_shares": result["class_shares"],
+                  "n_samples": n, "sampling_seconds": seconds, "seed": self.args.seed,
+                  "test_loss_per_level": levels, "test_loss_images": min(n_loss, len(test_u8))}
+        log.info("step %d, %d samples (%.0f s): FID %.2f, Inception-style score %.2f, confidence %.3f", step, n,
+                 seconds, result["fid"], result["inception_score"], result["mean_confidence"])
+        log.info("test DSM loss per level: %s", ", ".join(f"{v:.3f}" for v in levels))
+        if self.rank == 0:
+            self._record_metrics(record, levels)
+        return 0
+
+    def _metrics_during_training(self, score_fn, sigmas, test_u8, step, seed):
+        """FID and friends of eval.n_training samples of the current (EMA) model; its own generator, so the
+        training stream is untouched."""
+        import metrics
+
+        cfg = self.config
+        if not hasattr(self, "_classifier"):
+            self._classifier = metrics.get_classifier(cfg.data.root, self.device)
+            self._reference = metrics.reference_stats(self._classifier, metrics.to_unit(test_u8))
+        t0 = time.time()
+        generator = torch.Generator(self.device).manual_seed(seed * 31 + step)
+        samples = draw_samples(score_fn, sigmas, cfg, cfg.eval.n_training, generator, self.device)
+        to_image = torch.sigmoid if cfg.data.logit_transform else (lambda x: x)
+        result = metrics.sample_metrics(to_image(samples), self._classifier, self._reference)
+        log.info("step %d: FID %.2f, Inception-style score %.2f on %d samples (%.0f s)", step, result["fid"],
+                 result["inception_score"], cfg.eval.n_training, time.time() - t0)
+        self._record_metrics({"step": step, "n_samples": cfg.eval.n_training, **result})
+
+    def _record_metrics(self, record, levels=None):
+        """Append a record to metrics.json (atomically) and its scalars to TensorBoard."""
+        path = os.path.join(self.log_dir, "metrics.json")
+        records = []
+        if os.path.exists(path):
+            with open(path) as f:
+                records = json.load(f)
+        records.append(record)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(records, f, indent=1)
+        os.replace(tmp, path)
+        from tensorboardX import SummaryWriter
+        with SummaryWriter(self.tb_dir, filename_suffix=f".{time.time_ns()}") as writer:
+            for k in ("fid", "inception_score", "mean_confidence"):
+                writer.add_scalar(f"metrics/{k}", record[k], record["step"])
+            for i, v in enumerate(levels or []):
+                writer.add_scalar(f"test_loss/level_{i}", v, record["step"])
+
     def noise_design(self):
         """Print the noise levels and Langevin step that NCSNv2's rules (techniques 1, 2 and 4 of Song & Ermon,
         2020) choose for the training data and the config's sigma_end and n_steps_each."""
@@ -762,7 +840,7 @@ class Runner:
         """Complete MNIST test digits with `kind` of region hidden; writes inpaint_<kind>.png into -o with three
         rows of images: the originals, what the sampler sees (hidden pixels grey), the completions."""
         device = self.device
-        run_cfg, score_fn, sigmas = self.load_trained()
+        run_cfg, score_fn, sigmas, _ = self.load_trained()
         scfg = run_cfg.sampling
         names = self._output_paths([f"inpaint_{kind}.png"])
         if run_cfg.data.logit_transform:
@@ -784,6 +862,21 @@ class Runner:
                    padding=2)
         log.info("wrote %s", names[f"inpaint_{kind}.png"])
         return 0
+
+
+def test_loss_per_level(score_fn, to_model, test_u8, sigmas, anneal_power, seed, batch_size=500):
+    """The DSM loss (eq. 6) of the whole test set at each noise level separately: a list of L floats."""
+    out = []
+    for i in range(len(sigmas)):
+        g = torch.Generator(test_u8.device).manual_seed(seed * 7_919 + i)
+        total = 0.0
+        with torch.no_grad():
+            for b in range(0, len(test_u8), batch_size):
+                x = to_model(dequantize(test_u8[b:b + batch_size], g))
+                labels = torch.full((len(x),), i, dtype=torch.long, device=x.device)
+                total += float(dsm_loss(score_fn, x, sigmas, g, labels=labels, anneal_power=anneal_power)[0].sum())
+        out.append(total / len(test_u8))
+    return out
 
 
 def draw_samples(score_fn, sigmas, config, n, generator, device, callback=None):

@@ -66,6 +66,17 @@ class Sampling:
 
 
 @dataclasses.dataclass(frozen=True)
+class Eval:
+    """Sample quality (metrics.py): FID and Inception-style score on an MNIST digit classifier."""
+    n_samples: int = 10000  # images drawn and scored by --eval on a GPU ...
+    n_samples_cpu: int = 1000  # ... and on the CPU, where 10,000 take hours
+    loss_images: int = 10000  # test images in --eval's DSM loss per noise level on a GPU (10,000: all) ...
+    loss_images_cpu: int = 1000  # ... and on the CPU
+    every_snapshots: int = 0  # during training: metrics of n_training samples every k snapshots; 0 = off
+    n_training: int = 300  # images scored during training
+
+
+@dataclasses.dataclass(frozen=True)
 class Fast:
     """Speed switches; none of them changes the method (bench/speed.py measures each path)."""
     bf16: bool = True  # bf16 autocast for the network (fp32 master weights; its input and output stay fp32)
@@ -81,6 +92,7 @@ class Config:
     model: Model
     optim: Optim
     sampling: Sampling
+    eval: Eval = Eval()  # optional section
     fast: Fast = Fast()  # optional section
 
 
@@ -109,6 +121,12 @@ RULES = [  # (key, test, what it must be): checked once, after the types
     ("sampling.batch_size", lambda v: v >= 1, ">= 1"),
     ("sampling.n_frames", lambda v: v >= 1, ">= 1"),
     ("model.ema_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("eval.n_samples", lambda v: v >= 2, ">= 2"),
+    ("eval.n_samples_cpu", lambda v: v >= 2, ">= 2"),
+    ("eval.every_snapshots", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("eval.loss_images", lambda v: v >= 1, ">= 1"),
+    ("eval.loss_images_cpu", lambda v: v >= 1, ">= 1"),
+    ("eval.n_training", lambda v: v >= 2, ">= 2"),
 ]
 
 

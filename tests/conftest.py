@@ -49,7 +49,7 @@ def tiny_config(data_root, **overrides):
         if value is None:
             del cfg[section][name]
         else:
-            cfg[section][name] = value
+            cfg.setdefault(section, {})[name] = value
     return cfg
 
 

@@ -1,0 +1,331 @@
+"""FID, the Inception-style score and the cached digit classifier, checked against closed-form answers."""
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import metrics
+from conftest import write_fake_mnist
+from runner import NCSNError
+
+
+class FixedClassifier(nn.Module):
+    """Stand-in with fixed logits: predicts class round(9 * mean pixel) with certainty (logit gap 60).
+
+    Its features are the first 8 pixels, enough for FID to run."""
+
+    def features(self, x):
+        return x.flatten(1)[:, :8]  # (B, 8)
+
+    def forward(self, x):
+        k = (9 * x.flatten(1).mean(1)).round().long().clamp(0, 9)  # (B,)
+        return 60.0 * F.one_hot(k, 10).float()  # (B, 10)
+
+
+class UnsureClassifier(FixedClassifier):
+    """Stand-in whose p(y|x) is uniform for every image."""
+
+    def forward(self, x):
+        return torch.zeros(len(x), 10)
+
+
+def digit_images(classes, seed=0):
+    """Images (N, 1, 28, 28) that FixedClassifier puts in `classes`: the constant k / 9 plus a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.as_tensor(classes, dtype=torch.float32).view(-1, 1, 1, 1)
+    return (k / 9 + 0.01 * torch.randn(len(k), 1, 28, 28, generator=g)).clamp(0, 1)
+
+
+@pytest.fixture
+def ncsn_log():
+    """Messages of the "ncsn" logger (which main.setup_logging may have cut off from the root logger)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("ncsn")
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Frechet distance
+
+def test_identical_feature_sets_have_zero_fid():
+    f = np.random.default_rng(0).normal(size=(400, 16)) @ np.random.default_rng(1).normal(size=(16, 16))
+    mu, cov = metrics.feature_stats(f)
+    assert mu.shape == (16,) and cov.shape == (16, 16) and mu.dtype == np.float64
+    assert abs(metrics.frechet_distance(mu, cov, mu, cov)) < 1e-8 * np.trace(cov)
+
+
+def test_isotropic_gaussians_have_the_closed_form_distance():
+    # N(0, a^2 I) and N(d, b^2 I) in D dimensions: ||d||^2 + D (a - b)^2
+    D, a, b = 6, 0.7, 1.9
+    d = np.arange(1.0, D + 1)
+    expected = d @ d + D * (a - b) ** 2
+    got = metrics.frechet_distance(np.zeros(D), a ** 2 * np.eye(D), d, b ** 2 * np.eye(D))
+    assert got == pytest.approx(expected, rel=1e-10)
+    # the same from sampled features: the estimate converges to it
+    rng = np.random.default_rng(0)
+    f1, f2 = a * rng.normal(size=(50000, D)), d + b * rng.normal(size=(50000, D))
+    sampled = metrics.frechet_distance(*metrics.feature_stats(f1), *metrics.feature_stats(f2))
+    assert sampled == pytest.approx(expected, rel=0.01)
+
+
+def test_general_covariances():
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(5, 5))
+    S = A @ A.T + 0.1 * np.eye(5)
+    d = rng.normal(size=5)
+    # equal covariances: only the means count
+    assert metrics.frechet_distance(np.zeros(5), S, d, S) == pytest.approx(d @ d, rel=1e-8)
+    # diagonal (commuting) covariances: sum_k (sqrt(s1_k) - sqrt(s2_k))^2
+    s1, s2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
+    expected = np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
+    assert metrics.frechet_distance(np.zeros(5), np.diag(s1), np.zeros(5), np.diag(s2)) == pytest.approx(expected)
+    # symmetric in its two arguments
+    B = rng.normal(size=(5, 5))
+    T = B @ B.T
+    assert metrics.frechet_distance(d, S, np.zeros(5), T) == pytest.approx(
+        metrics.frechet_distance(np.zeros(5), T, d, S), rel=1e-8)
+
+
+def test_fewer_samples_than_features():
+    # covariances of rank N - 1 < D: sqrtm of their product is inaccurate; the result must still be real,
+    # zero for one set against itself, and equal to the commuting closed form where that applies
+    rng = np.random.default_rng(4)
+    f1, f2 = rng.normal(size=(8, 128)), 2 * rng.normal(size=(8, 128)) + 0.3
+    mu1, cov1 = metrics.feature_stats(f1)
+    mu2, cov2 = metrics.feature_stats(f2)
+    d = metrics.frechet_distance(mu1, cov1, mu2, cov2)
+    assert np.isfinite(d) and d == pytest.approx(metrics.frechet_distance(mu2, cov2, mu1, cov1), rel=1e-6)
+    assert d > 128 * 0.3 ** 2 and abs(metrics.frechet_distance(mu1, cov1, mu1, cov1)) < 1e-6 * np.trace(cov1)
+    Q, _ = np.linalg.qr(rng.normal(size=(64, 64)))
+    s1 = np.where(rng.random(64) < 0.6, 0.0, rng.uniform(0.5, 3, 64))
+    s2 = np.where(rng.random(64) < 0.6, 0.0, rng.uniform(0.5, 3, 64))
+    got = metrics.frechet_distance(np.zeros(64), Q @ np.diag(s1) @ Q.T, np.zeros(64), Q @ np.diag(s2) @ Q.T)
+    assert got == pytest.approx(np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2), rel=1e-6)
+    assert metrics._trace_sqrt_product(Q @ np.diag(s1) @ Q.T, Q @ np.diag(s2) @ Q.T) == pytest.approx(
+        np.sqrt(s1 * s2).sum(), rel=1e-6)
+    # ReLU-like features of 8 and 64 samples, where sqrtm's root has imaginary entries of about 30: the trace
+    # term must still be the sum of the square roots of the eigenvalues of cov1 cov2
+    rng = np.random.default_rng(2)
+    g1 = np.maximum(rng.normal(size=(8, 128)) * rng.uniform(0, 5, 128), 0)
+    g2 = np.maximum(rng.normal(size=(64, 128)) * rng.uniform(0, 1, 128) - 0.5, 0)
+    (m1, c1), (m2, c2) = metrics.feature_stats(g1), metrics.feature_stats(g2)
+    eig = np.linalg.eigvals(c1 @ c2).real
+    expected = (m1 - m2) @ (m1 - m2) + np.trace(c1) + np.trace(c2) - 2 * np.sqrt(np.clip(eig, 0, None)).sum()
+    assert metrics.frechet_distance(m1, c1, m2, c2) == pytest.approx(expected, rel=1e-6)
+
+
+def test_singular_covariances_and_bad_shapes():
+    # rank-1 covariances (dead ReLU units make these): finite and real, close to the closed form
+    u = np.array([1.0, 0.0, 0.0])
+    got = metrics.frechet_distance(np.zeros(3), np.outer(u, u), np.zeros(3), 4 * np.outer(u, u))
+    assert got == pytest.approx(1.0, abs=1e-4)  # (1 - 2)^2 along u
+    with pytest.raises(NCSNError, match="shapes"):
+        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+    with pytest.raises(NCSNError, match="N >= 2"):
+        metrics.feature_stats(np.zeros((1, 4)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inception-style score and class statistics
+
+def test_one_certain_class_scores_1():
+    out = metrics.sample_metrics(digit_images([3] * 40), FixedClassifier(), digit_images(list(range(10)) * 4))
+    assert out["inception_score"] == pytest.approx(1.0, abs=1e-9)
+    assert out["class_shares"] == pytest.approx([0, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+    assert out["mean_confidence"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_ten_certain_classes_in_equal_shares_score_10():
+    images = digit_images(list(range(10)) * 5)
+    out = metrics.sample_metrics(images, FixedClassifier(), images)
+    assert out["inception_score"] == pytest.approx(10.0, rel=1e-9)
+    assert out["class_shares"] == pytest.approx([0.1] * 10)
+    assert sum(out["class_shares"]) == pytest.approx(1.0, abs=1e-12)
+    assert out["fid"] == pytest.approx(0.0, abs=1e-6)  # the reference is the same set
+    assert out["n_images"] == 50 and out["nonfinite_images"] == 0
+    # two classes half and half: 2; uncertain predictions: 1, with confidence 1/10
+    assert metrics.sample_metrics(digit_images([2, 7] * 10), FixedClassifier(), images)["inception_score"] == \
+        pytest.approx(2.0, rel=1e-9)
+    unsure = metrics.sample_metrics(images, UnsureClassifier(), images)
+    assert unsure["inception_score"] == pytest.approx(1.0) and unsure["mean_confidence"] == pytest.approx(0.1)
+
+
+def test_inception_score_of_probabilities():
+    assert metrics.inception_score(np.eye(4)) == pytest.approx(4.0)
+    p = np.array([[0.9, 0.1], [0.1, 0.9]])
+    kl = 0.9 * np.log(0.9 / 0.5) + 0.1 * np.log(0.1 / 0.5)
+    assert metrics.inception_score(p) == pytest.approx(np.exp(kl))
+
+
+def test_real_classifier_metrics_are_deterministic_and_clamp_their_input():
+    torch.manual_seed(0)
+    clf = metrics.DigitClassifier().eval()
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(300, 1, 28, 28, generator=g) * 1.4 - 0.2  # outside [0, 1]: clamped
+    reference = torch.rand(300, 1, 28, 28, generator=g) ** 3
+    a = metrics.sample_metrics(images, clf, reference, batch_size=128)
+    b = metrics.sample_metrics(images.clone(), clf, metrics.reference_stats(clf, reference), batch_size=64)
+    c = metrics.sample_metrics(images.clamp(0, 1), clf, reference)
+    assert a == b == c
+    assert set(a) == {"fid", "inception_score", "class_shares", "mean_confidence", "n_images", "nonfinite_images"}
+    assert len(a["class_shares"]) == 10 and sum(a["class_shares"]) == pytest.approx(1.0)
+    assert a["fid"] > 0 and 1 <= a["inception_score"] <= 10 and 0.1 <= a["mean_confidence"] <= 1
+    same = metrics.sample_metrics(reference, clf, reference)
+    assert abs(same["fid"]) < 1e-6 * a["fid"]
+
+
+def test_nonfinite_images_are_counted_and_bad_shapes_refused():
+    images = digit_images(list(range(10)) * 2)
+    images[3, 0, 5, 5] = float("nan")
+    images[4, 0, 0, 0] = float("inf")
+    out = metrics.sample_metrics(images, FixedClassifier(), images.nan_to_num(0.5))
+    assert out["nonfinite_images"] == 2 and np.isfinite(out["fid"])
+    with pytest.raises(NCSNError, match=r"\(N, 1, 28, 28\).*\(20, 28, 28\)"):
+        metrics.sample_metrics(images[:, 0], FixedClassifier(), images)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The classifier and its cache
+
+def test_classifier_shapes_and_random_shift():
+    clf = metrics.DigitClassifier()
+    x = torch.rand(5, 1, 28, 28)
+    assert clf(x).shape == (5, 10) and clf.features(x).shape == (5, 128)
+    x = torch.zeros(200, 1, 28, 28)
+    x[:, 0, 14, 14] = 1
+    shifted = metrics.random_shift(x, 2, torch.Generator().manual_seed(0))
+    where = shifted[:, 0].flatten(1).argmax(1)
+    dy, dx = where // 28 - 14, where % 28 - 14
+    assert torch.equal(shifted.flatten(1).sum(1), torch.ones(200))  # moved, not lost
+    assert dy.abs().max() == 2 and dx.abs().max() == 2  # every offset within +-2 ...
+    assert len(set(zip(dy.tolist(), dx.tolist()))) == 25  # ... and all 25 of them are drawn
+
+
+def test_train_classifier_is_deterministic_and_leaves_the_global_rng_alone(tmp_path):
+    import runner
+
+    root = write_fake_mnist(str(tmp_path), n_train=64, n_test=32)
+    data = (runner.load_mnist(root, True), metrics.load_mnist_labels(root, True),
+            runner.load_mnist(root, False), metrics.load_mnist_labels(root, False))
+    rng = torch.get_rng_state()
+    m1, acc1 = metrics.train_classifier(*data, seed=5, log=lambda s: None, epochs=2, batch_size=16)
+    assert torch.equal(torch.get_rng_state(), rng)
+    m2, acc2 = metrics.train_classifier(*data, seed=5, log=lambda s: None, epochs=2, batch_size=16)
+    m3, _ = metrics.train_classifier(*data, seed=6, log=lambda s: None, epochs=2, batch_size=16)
+    s1, s2, s3 = m1.state_dict(), m2.state_dict(), m3.state_dict()
+    assert acc1 == acc2 and all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert not torch.equal(s1["hidden.weight"], s3["hidden.weight"])
+    assert not m1.training and 0 <= acc1 <= 1
+
+
+def test_classifier_cache_saves_loads_retrains_and_refuses_corrupt_files(tmp_path, monkeypatch, ncsn_log):
+    root = write_fake_mnist(str(tmp_path / "data"), n_train=64, n_test=32)
+    fallback = str(tmp_path / "fallback" / "clf.pth")
+    cache = os.path.join(root, "MNIST", metrics.CACHE_NAME)
+    calls = []
+    real_train = metrics.train_classifier
+
+    def counting_train(*args, **kwargs):
+        calls.append(1)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "train_classifier", counting_train)
+
+    # 1. trained once and cached next to the data, with its accuracy and fingerprint
+    m1 = metrics.get_classifier(root, "cpu", cache_path=fallback)
+    assert len(calls) == 1 and os.path.isfile(cache) and not os.path.exists(fallback)
+    assert not m1.training
+    saved = torch.load(cache, weights_only=True)
+    assert saved["fingerprint"] == metrics.classifier_fingerprint() and 0 <= saved["test_accuracy"] <= 1
+    assert any("test accuracy" in m for m in ncsn_log)
+
+    # 2. loaded back without training
+    m2 = metrics.get_classifier(root, "cpu", cache_path=fallback)
+    assert len(calls) == 1
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+    # 3. other code (fingerprint) -> trained again and the cache overwritten
+    monkeypatch.setattr(metrics, "classifier_fingerprint", lambda: "another architecture")
+    metrics.get_classifier(root, "cpu", cache_path=fallback)
+    assert len(calls) == 2
+    assert torch.load(cache, weights_only=True)["fingerprint"] == "another architecture"
+    assert any("different code" in m for m in ncsn_log)
+    metrics.get_classifier(root, "cpu", cache_path=fallback)
+    assert len(calls) == 2
+
+    # 4. a truncated or foreign file: one-line NCSNError naming it, not a crash and not a silent retrain
+    with open(cache, "rb") as f:
+        data = f.read()
+    with open(cache, "wb") as f:
+        f.write(data[:len(data) // 2])
+    with pytest.raises(NCSNError, match="truncated") as e:
+        metrics.get_classifier(root, "cpu", cache_path=fallback)
+    assert cache in str(e.value) and "\n" not in str(e.value)
+    torch.save({"weights": torch.zeros(3)}, cache)
+    with pytest.raises(NCSNError, match="not a cache") as e:
+        metrics.get_classifier(root, "cpu", cache_path=fallback)
+    assert cache in str(e.value)
+    assert len(calls) == 2
+
+
+def test_read_only_data_folder_caches_in_the_fallback(tmp_path, monkeypatch, ncsn_log):
+    root = write_fake_mnist(str(tmp_path / "data"), n_train=64, n_test=32)
+    folder = os.path.join(root, "MNIST")
+    fallback = str(tmp_path / "run" / "classifier" / "clf.pth")
+    real_train = metrics.train_classifier
+    os.chmod(folder, 0o555)  # as the shared data folder: no write bit (root would still be let in)
+    try:
+        before = sorted(os.listdir(folder))
+        metrics.get_classifier(root, "cpu", cache_path=fallback)
+        assert sorted(os.listdir(folder)) == before and os.path.isfile(fallback)
+        assert any("not writable" in m and fallback in m for m in ncsn_log)
+        monkeypatch.setattr(metrics, "train_classifier", lambda *a, **k: pytest.fail("retrained"))
+        metrics.get_classifier(root, "cpu", cache_path=fallback)  # found in the fallback
+    finally:
+        os.chmod(folder, 0o755)
+    # a writable data folder keeps its own classifier: the fallback of another root is not used for it
+    other = write_fake_mnist(str(tmp_path / "other"), n_train=64, n_test=32, seed=1)
+    monkeypatch.setattr(metrics, "train_classifier", real_train)
+    metrics.get_classifier(other, "cpu", cache_path=fallback)
+    assert os.path.isfile(os.path.join(other, "MNIST", metrics.CACHE_NAME))
+
+
+def test_eval_on_a_tiny_run_writes_metrics_and_per_level_loss(tmp_path, monkeypatch):
+    """--eval end to end: a tiny run, a classifier trained for a few steps on the fake data (the real one takes
+    a minute), metrics.json and TensorBoard scalars; the same seed gives the same numbers."""
+    import json
+
+    import main
+    import runner
+    from conftest import tiny_config, write_config, write_fake_mnist
+
+    data = write_fake_mnist(str(tmp_path / "data"), n_train=64, n_test=32)
+    monkeypatch.setitem(metrics.TRAIN_SETTINGS, "epochs", 1)
+    cfg = tiny_config(data, **{"training.n_iters": 4, "training.snapshot_freq": 2, "eval.n_samples_cpu": 6,
+                               "eval.every_snapshots": 1, "eval.n_training": 4})
+    run = ["--run", str(tmp_path / "run"), "--doc", "e"]
+    assert main.main(["--config", write_config(tmp_path / "c.yml", cfg), *run]) == 0
+    records = json.load(open(tmp_path / "run" / "logs" / "e" / "metrics.json"))
+    assert [r["step"] for r in records] == [2, 4]  # during training, every snapshot
+    assert main.main([*run, "--eval"]) == 0
+    assert main.main([*run, "--eval"]) == 0
+    records = json.load(open(tmp_path / "run" / "logs" / "e" / "metrics.json"))
+    a, b = records[-2:]
+    assert a["step"] == 4 and a["n_samples"] == 6 and len(a["test_loss_per_level"]) == 4
+    assert a["fid"] == b["fid"] and a["inception_score"] == b["inception_score"]  # same seed, same numbers
+    assert 1.0 <= a["inception_score"] <= 10.0 and abs(sum(a["class_shares"]) - 1) < 1e-9
+    # per-level DSM loss of an untrained net is about 784/2 at every level (s ~ 0, weighted by sigma^2)
+    assert all(50 < v < 2000 for v in a["test_loss_per_level"])
+    scalars = runner.read_scalars(tmp_path / "run" / "tensorboard" / "e")
+    assert 4 in scalars["metrics/fid"] and sorted(scalars["test_loss/level_0"]) == [4]
