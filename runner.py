@@ -90,8 +90,9 @@ def anneal_langevin_dynamics(score_fn, x, sigmas, n_steps_each, step_lr, generat
         repeat n_steps_each times:  x <- x + alpha_i s(x, i) + sqrt(2 alpha_i) z,  z ~ N(0, I)
     score_fn(x, labels) -> score of the same shape; x is the start (e.g. U[0, 1] noise, (B, 1, 28, 28)).
     callback(i, t, x) is called after every step (level i, step t) for diagnostics. Returns the final x.
-    The paper writes the step as x + (a/2) s + sqrt(a) z with a = 2 alpha_i: the same update; step_lr here is
-    the authors' code's and configs' value (2e-5 for MNIST), which is half the paper's epsilon.
+    Convention: the paper's Algorithm 1 writes x + (a/2) s + sqrt(a) z with a = epsilon sigma_i^2 / sigma_L^2,
+    so this update is the paper's with epsilon = 2 step_lr. The authors' released code and configs use this
+    form with step_lr = 2e-5, the number the paper quotes for epsilon; we keep the code's convention.
 
     denoise: after the last level, x <- x + sigma_L^2 s(x, L) (Tweedie's formula; NCSNv2, appendix C.2).
     Inpainting (appendix B.3 of the paper): with `known` (B, 1, 28, 28) and `mask` (1 where known), the known
