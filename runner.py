@@ -205,7 +205,8 @@ def load_mnist(root, train, download=True):
         if any(not os.path.isfile(os.path.join(raw, f)) for f in MNIST_FILES):
             raise NCSNError(f"MNIST is missing from {raw} and could not be downloaded ({why.rstrip(':')}); "
                             f"offline, put the four files {', '.join(MNIST_FILES)} there") from e
-        raise NCSNError(f"cannot read MNIST in {raw}: {why}") from e
+        raise NCSNError(f"an MNIST file in {raw} is truncated or corrupt ({why}); delete it to download it "
+                        f"again, or copy it afresh") from e
     except (AssertionError, ValueError, IndexError, KeyError, EOFError) as e:
         raise NCSNError(f"an MNIST file in {raw} is truncated or corrupt ({type(e).__name__}); "
                         f"delete it to download it again, or copy it afresh") from e
@@ -265,8 +266,9 @@ def load_checkpoint(path, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises several types for a truncated or foreign file
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
         raise NCSNError(f"checkpoint {path} is truncated or not a checkpoint of this code "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+                        f"({type(e).__name__}: {first})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise NCSNError(f"checkpoint {path} is not a checkpoint of this code (no 'format': {CHECKPOINT_FORMAT})")
     return ckpt
