@@ -73,16 +73,18 @@ def peak_memory_in_fresh_process(name, ngf, device, batch, channels_last):
     cmd = [sys.executable, os.path.abspath(__file__), "--memory_of", name, "--ngf", str(ngf), "--batch", str(batch),
            "--device", str(device)] + (["--channels_last"] if channels_last else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return int(out.strip().splitlines()[-1])
+    peak, before = map(int, out.strip().splitlines()[-1].split())
+    return peak, before
 
 
 def memory_of(name, ngf, device, batch, channels_last):
     v = Variant(name, ngf, device, batch, fast=name == "fast", channels_last=channels_last)
     v.sample_step()
     reset_peak_memory(device)
+    before = peak_memory(device)  # the process before the step: torch, the model, the optimiser, the data
     v.train_step()
     v.train_step()
-    return peak_memory(device)
+    return peak_memory(device), before
 
 
 class Variant:
@@ -166,7 +168,7 @@ def main():
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_of:
-        print(memory_of(args.memory_of, args.ngf[0], torch.device(args.device), args.batch, args.channels_last))
+        print(*memory_of(args.memory_of, args.ngf[0], torch.device(args.device), args.batch, args.channels_last))
         return
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, batch {args.batch}, "
@@ -176,7 +178,7 @@ def main():
         peak16 = matmul_peak(device, torch.bfloat16)
         print(f"\n{device}: matmul peak fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s")
         print("| ngf | path | train img/s | sample img/s | train GFLOP/s (% of peak) | sample GFLOP/s (% of peak) "
-              "| peak memory, train step (own process) |")
+              "| peak memory of a process training (of it the step's own) |")
         print("|---|---|---|---|---|---|---|")
         for ngf in args.ngf:
             rows = bench(ngf, device, args.batch, args.repeats, args.channels_last)
@@ -185,7 +187,7 @@ def main():
                 print(f"| {ngf} | {r['variant']} | {r['train_ips']:.1f} | {r['sample_ips']:.1f} | "
                       f"{r['train_gflops']:.0f} ({100 * r['train_gflops'] * 1e9 / peak:.0f}%) | "
                       f"{r['sample_gflops']:.0f} ({100 * r['sample_gflops'] * 1e9 / peak:.0f}%) | "
-                      f"{r['mem'] / 2 ** 30:.2f} GiB |")
+                      f"{r['mem'][0] / 2 ** 30:.2f} GiB ({(r['mem'][0] - r['mem'][1]) / 2 ** 30:.2f} GiB) |")
             plain, fast = rows
             print(f"| {ngf} | fast / plain | {fast['train_ips'] / plain['train_ips']:.2f}x | "
                   f"{fast['sample_ips'] / plain['sample_ips']:.2f}x | | | |")
