@@ -11,7 +11,7 @@ the Inception-style score (IS), confidence and the time of each part. FID is on 
 repository's MNIST classifier (metrics.py), against the 10,000 test images; it compares runs of this project,
 and only at the same number of samples: FID from few samples is biased upwards (100 real training digits
 score 41.5 where 10,000 score 1.74; `--reference --n_reference 100` shows it). The defaults (400 steps at
-ngf 16, 100 samples with the paper's 100 Langevin steps a level) take about 10 minutes on two CPU cores.
+ngf 16, 100 samples with the paper's 100 Langevin steps a level) took 15 minutes on one busy CPU core.
 Real MNIST can be given with --data_root (for example ../shared/data on this project's machines).
 """
 import argparse
