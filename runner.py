@@ -63,6 +63,13 @@ def logit_transform(x, lam=1e-6):
     return torch.log(x) - torch.log1p(-x)
 
 
+def data_space(config):
+    """(to_model, to_image): pixels in [0, 1] to the space the model works in, and back."""
+    if config.data.logit_transform:
+        return logit_transform, torch.sigmoid
+    return (lambda x: x), (lambda x: x)
+
+
 def dsm_loss(score_fn, x, sigmas, generator=None, labels=None, anneal_power=2.0, z=None):
     """Denoising score matching loss per sample, eq. (5) and (6) of the paper.
 
@@ -517,7 +524,7 @@ class Runner:
         if self.world > 1:
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                             else None)
-        to_model = logit_transform if cfg.data.logit_transform else (lambda x: x)  # data space of the model
+        to_model, _ = data_space(cfg)
         score_fn = make_score_fn(net, cfg, device, sigmas)
         eval_score_fn = make_score_fn(ema if ema is not None else model, cfg, device, sigmas)  # for the test loss
 
@@ -725,7 +732,7 @@ class Runner:
         frame_steps = set(np.linspace(1, total, min(scfg.n_frames, total)).round().astype(int).tolist())
         n_grid = min(scfg.n_samples, scfg.batch_size, 100)
         frames, counter = [], [0]
-        to_image = torch.sigmoid if run_cfg.data.logit_transform else (lambda x: x)
+        _, to_image = data_space(run_cfg)
 
         def record(i, t, x):  # n_frames evenly spaced steps of the first batch become the movie
             counter[0] += 1
@@ -768,9 +775,8 @@ class Runner:
         generator = torch.Generator(device).manual_seed(self.args.seed + 1_000_003 * self.rank)
         samples = self.gather(draw_samples(score_fn, sigmas, run_cfg, hi - lo, generator, device))
         seconds = time.time() - t0
-        to_image = torch.sigmoid if run_cfg.data.logit_transform else (lambda x: x)
+        to_model, to_image = data_space(run_cfg)
         result = metrics.sample_metrics(to_image(samples), classifier, reference)
-        to_model = logit_transform if run_cfg.data.logit_transform else (lambda x: x)
         n_loss = run_cfg.eval.loss_images if device.type == "cuda" else run_cfg.eval.loss_images_cpu
         levels = test_loss_per_level(score_fn, to_model, test_u8[:n_loss], sigmas, run_cfg.training.anneal_power,
                                      self.args.seed)
@@ -797,8 +803,7 @@ class Runner:
         t0 = time.time()
         generator = torch.Generator(self.device).manual_seed(seed * 31 + step)
         samples = draw_samples(score_fn, sigmas, cfg, cfg.eval.n_training, generator, self.device)
-        to_image = torch.sigmoid if cfg.data.logit_transform else (lambda x: x)
-        result = metrics.sample_metrics(to_image(samples), self._classifier, self._reference)
+        result = metrics.sample_metrics(data_space(cfg)[1](samples), self._classifier, self._reference)
         log.info("step %d: FID %.2f, Inception-style score %.2f on %d samples (%.0f s)", step, result["fid"],
                  result["inception_score"], cfg.eval.n_training, time.time() - t0)
         self._record_metrics({"step": step, "n_samples": cfg.eval.n_training, **result})

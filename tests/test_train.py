@@ -134,3 +134,13 @@ def test_missing_mnist_offline_names_the_folder_and_files(tmp_path):
     assert len(msg) == 1 and str(tmp_path / "nodata" / "MNIST" / "raw") in msg[0]
     assert "train-images-idx3-ubyte" in msg[0] and "t10k-labels-idx1-ubyte" in msg[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_logit_transform_run_trains_and_samples(tmp_path, fake_mnist):
+    cfg = tiny_config(fake_mnist, **{"training.n_iters": 2, "data.logit_transform": True})
+    assert train(tmp_path, cfg, "logit") == 0
+    out = tmp_path / "logit_samples"
+    assert main.main(["--run", str(tmp_path / "run"), "--doc", "logit", "--sample", "-o", str(out)]) == 0
+    raw = torch.load(out / "samples.pt", weights_only=True)
+    assert torch.isfinite(raw).all() and (raw.min() < 0 or raw.max() > 1)  # raw samples live in logit space
+    assert os.path.getsize(out / "samples.png") > 0
