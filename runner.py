@@ -223,10 +223,13 @@ def load_mnist(root, train, download=True):
     return data  # (N, 28, 28) uint8
 
 
-def dequantize(x_u8, generator):
-    """Uniform dequantization: x = (255 x + u) / 256 with x in [0, 1], u ~ U[0, 1) (i.e. (k + u) / 256)."""
+def dequantize(x_u8, generator=None, u=None):
+    """Uniform dequantization: x = (255 x + u) / 256 with x in [0, 1], u ~ U[0, 1) (i.e. (k + u) / 256);
+    u is drawn from `generator` unless given."""
     x = x_u8.unsqueeze(1).float()  # (B, 1, 28, 28)
-    return (x + torch.rand(x.shape, generator=generator, device=x.device)) / 256.0
+    if u is None:
+        u = torch.rand(x.shape, generator=generator, device=x.device)
+    return (x + u) / 256.0
 
 
 def batch_noise(generator, batch, num_levels, device, shape=(1, 28, 28)):
@@ -279,6 +282,12 @@ def load_checkpoint(path, device="cpu"):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise NCSNError(f"checkpoint {path} is not a checkpoint of this code (no 'format': {CHECKPOINT_FORMAT})")
     return ckpt
+
+
+def numbered_snapshots(log_dir):
+    """[(step, file name)] of the checkpoint_<step>.pth files in log_dir, oldest first."""
+    return sorted((int(f[11:-4]), f) for f in os.listdir(log_dir)
+                  if f.startswith("checkpoint_") and f.endswith(".pth") and f[11:-4].isdigit())
 
 
 def config_differences(old, new):
@@ -440,10 +449,8 @@ class Runner:
         keep = self.config.training.keep_snapshots
         if keep <= 0:
             return
-        steps = sorted(int(f[len("checkpoint_"):-len(".pth")]) for f in os.listdir(self.log_dir)
-                       if f.startswith("checkpoint_") and f.endswith(".pth") and f[11:-4].isdigit())
-        for s in steps[:-keep]:
-            os.remove(os.path.join(self.log_dir, f"checkpoint_{s}.pth"))
+        for _, name in numbered_snapshots(self.log_dir)[:-keep]:
+            os.remove(os.path.join(self.log_dir, name))
 
     def latest_checkpoint(self):
         """The newest complete snapshot of the run, for --resume_training; None if it has none yet.
@@ -453,8 +460,7 @@ class Runner:
         """
         if not os.path.isdir(self.log_dir):
             raise NCSNError(f"no run folder {self.log_dir} to resume: train it first (without --resume_training)")
-        numbered = sorted((int(f[11:-4]), f) for f in os.listdir(self.log_dir)
-                          if f.startswith("checkpoint_") and f.endswith(".pth") and f[11:-4].isdigit())
+        numbered = numbered_snapshots(self.log_dir)
         if not os.path.exists(self.ckpt_path) and not numbered:
             log.warning("%s holds no checkpoint yet (stopped before its first snapshot): starting at step 1",
                         self.log_dir)
@@ -543,7 +549,7 @@ class Runner:
                 idx = perm[i * bs:(i + 1) * bs]  # (B,) global batch
                 u, labels, z = batch_noise(generator, len(idx), len(sigmas), device)
                 own = slice(*self.shard(len(idx)))
-                x = to_model((train_u8[idx[own]].unsqueeze(1).float() + u[own]) / 256)  # (b, 1, 28, 28)
+                x = to_model(dequantize(train_u8[idx[own]], u=u[own]))  # (b, 1, 28, 28)
                 model.train()
                 loss, _ = dsm_loss(score_fn, x, sigmas, labels=labels[own], z=z[own],
                                    anneal_power=tcfg.anneal_power)
@@ -727,7 +733,7 @@ class Runner:
         run_cfg, score_fn, sigmas, _ = self.load_trained()
         scfg = run_cfg.sampling
         names = self._output_paths(["samples.png", "samples.pt", "movie.gif"])
-        generator = torch.Generator(device).manual_seed(self.args.seed)
+        generator = self.sampling_generator()
         total = len(sigmas) * scfg.n_steps_each
         frame_steps = set(np.linspace(1, total, min(scfg.n_frames, total)).round().astype(int).tolist())
         n_grid = min(scfg.n_samples, scfg.batch_size, 100)
@@ -741,7 +747,6 @@ class Runner:
 
         t0 = time.time()
         lo, hi = self.shard(scfg.n_samples)  # under torchrun each rank draws its share, with its own seed
-        generator.manual_seed(self.args.seed + 1_000_003 * self.rank)
         samples = draw_samples(score_fn, sigmas, run_cfg, hi - lo, generator, device, callback=record)
         samples = self.gather(samples)
         log.info("sampled %d images in %.1f s", scfg.n_samples, time.time() - t0)
@@ -749,6 +754,10 @@ class Runner:
             write_samples(samples, frames, names, to_image)
             log.info("wrote %s", ", ".join(names.values()))
         return 0
+
+    def sampling_generator(self):
+        """The generator of --sample and --eval: --seed on rank 0, seed + 1,000,003 x rank on the others."""
+        return torch.Generator(self.device).manual_seed(self.args.seed + 1_000_003 * self.rank)
 
     def gather(self, x):
         """Concatenate every rank's tensor in rank order (on all ranks); x itself when not distributed."""
@@ -772,7 +781,7 @@ class Runner:
         reference = metrics.reference_stats(classifier, metrics.to_unit(test_u8))
         t0 = time.time()
         lo, hi = self.shard(n)
-        generator = torch.Generator(device).manual_seed(self.args.seed + 1_000_003 * self.rank)
+        generator = self.sampling_generator()
         samples = self.gather(draw_samples(score_fn, sigmas, run_cfg, hi - lo, generator, device))
         seconds = time.time() - t0
         to_model, to_image = data_space(run_cfg)
