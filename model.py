@@ -59,23 +59,28 @@ class CondInstanceNormPlus(nn.Module):
 
     def forward(self, x, y):  # x (B, C, H, W), y (B,) long
         gamma, alpha, beta = self.embed(y).chunk(3, dim=-1)  # each (B, C)
+        # Statistics and the affine map in fp32 even under bf16 autocast (which keeps its own normalisations in
+        # fp32 for the same reason): x * a + b with a = gamma / sigma_k, b ~ -mu_k a cancels mu_k. In bf16,
+        # for a channel whose mean is large against its spread, that rounds the spread away, with the same
+        # error at every pixel of a flat region such as MNIST's background.
+        xf = x.float()
         if self.fast:
-            mu = x.mean(dim=(2, 3), dtype=torch.float32)  # (B, C)
-            var = ((x * x).mean(dim=(2, 3), dtype=torch.float32) - mu * mu).clamp_min(0)  # (B, C)
+            mu = xf.mean(dim=(2, 3))  # (B, C)
+            var = (xf * xf).mean(dim=(2, 3)).sub_(mu * mu).clamp_min_(0)  # (B, C)
         else:
-            var, mu = torch.var_mean(x, dim=(2, 3), correction=0)  # (B, C) spatial stats
+            var, mu = torch.var_mean(xf, dim=(2, 3), correction=0)  # (B, C) spatial stats
         m = mu.mean(dim=-1, keepdim=True)  # (B, 1)
         v = mu.var(dim=-1, keepdim=True)  # (B, 1), unbiased as in the authors' code
         mu_hat = (mu - m) / torch.sqrt(v + self.eps)  # (B, C)
         inv_std = torch.rsqrt(var + self.eps)  # (B, C)
         scale = gamma * inv_std  # (B, C)
         shift = beta + gamma * (alpha * mu_hat - mu * inv_std)  # (B, C)
-        dtype = x.dtype
+        out = torch.addcmul(shift[..., None, None], xf, scale[..., None, None])  # (B, C, H, W) fp32
         if self.fast and torch.is_autocast_enabled(x.device.type):
             # the next convolution takes it in the autocast dtype anyway: cast here, so that the ELU between
             # runs and keeps its saved tensor in bf16 too (less memory, no later cast)
-            dtype = torch.get_autocast_dtype(x.device.type)
-        return torch.addcmul(shift[..., None, None].to(dtype), x.to(dtype), scale[..., None, None].to(dtype))
+            return out.to(torch.get_autocast_dtype(x.device.type))
+        return out.to(x.dtype)
 
 
 def conv3x3(c_in, c_out, bias=True, dilation=1):
