@@ -61,6 +61,7 @@ def main(argv=None):
     setup_logging(args.verbose)
     import torch  # imported here so that `--help` and config errors answer at once
     import runner
+    from common import Interrupted, NCSNError
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun with several processes
     try:
@@ -78,21 +79,29 @@ def main(argv=None):
         log.info("device %s, torch %s, seed %d%s%s", device, torch.__version__, args.seed,
                  f", {torch.distributed.get_world_size()} processes" if distributed else "",
                  f", comment: {args.comment}" if args.comment else "")
-        r = runner.Runner(args, config, device)
         if args.noise_design:
-            return r.noise_design()
+            import noise
+            return noise.noise_design(config)
         if args.inpaint:
-            return r.inpaint(args.inpaint)
+            import inpaint
+            return inpaint.inpaint(args, config, device, args.inpaint)
         if args.eval:
-            return r.evaluate()
-        return r.sample() if args.sample else r.train()
+            import evaluate
+            return evaluate.evaluate(args, config, device)
+        if args.sample:
+            return runner.sample(args, config, device)
+        hook = None
+        if config.eval.every_snapshots:
+            import evaluate
+            hook = evaluate.TrainingMetrics(config)
+        return runner.train(args, config, device, on_snapshot=hook)
     except ConfigError as e:
         log.error("%s", e)
         return 2
-    except runner.Interrupted as e:
+    except Interrupted as e:
         log.warning("%s", e)
         return 128 + e.signum
-    except runner.NCSNError as e:
+    except NCSNError as e:
         log.debug("traceback:", exc_info=True)
         log.error("%s", e)
         return 1

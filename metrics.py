@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import runner
-from runner import NCSNError
+from common import NCSNError, atomic_torch_save
+from data import load_mnist, load_mnist_labels
 
 logger = logging.getLogger("ncsn")
 
@@ -36,6 +36,9 @@ CACHE_FORMAT = 1
 CACHE_NAME = "ncsn_classifier.pth"
 FALLBACK_CACHE = os.path.join("run", "classifier", CACHE_NAME)
 # The settings get_classifier trains with; part of the cache's fingerprint.
+# A sample whose mean pixel exceeds this is a white image, not a digit (MNIST's mean pixel is 0.13; the
+# brightest of the 60,000 training digits averages 0.40).
+WHITE_MEAN = 0.5
 TRAIN_SETTINGS = {"epochs": 2, "batch_size": 128, "lr": 2e-3, "max_shift": 2, "seed": 0}
 
 
@@ -147,17 +150,6 @@ def train_classifier(train_u8, train_labels, test_u8, test_labels, seed=0, log=N
 # ----------------------------------------------------------------------------------------------------------
 # Data and the on-disk cache
 
-def load_mnist_labels(root, train):
-    """MNIST labels (N,) int64, read by torchvision from <root>/MNIST/raw (the files must be there)."""
-    import torchvision
-
-    raw = os.path.join(root, "MNIST", "raw")
-    try:
-        return torchvision.datasets.MNIST(root, train=train, download=False).targets.long()  # (N,)
-    except (RuntimeError, OSError, AssertionError, ValueError, IndexError) as e:
-        raise NCSNError(f"cannot read the MNIST labels in {raw} ({type(e).__name__}: {e})") from e
-
-
 _MAKERS = (DigitClassifier, random_shift, to_unit, train_classifier)  # the code that makes the classifier
 
 
@@ -228,8 +220,8 @@ def get_classifier(data_root, device, cache_path=None):
             return model
 
     s = TRAIN_SETTINGS
-    train_u8 = runner.load_mnist(data_root, train=True)  # (N, 28, 28) uint8; downloads into <root>/MNIST
-    test_u8 = runner.load_mnist(data_root, train=False)  # (N_test, 28, 28) uint8
+    train_u8 = load_mnist(data_root, train=True)  # (N, 28, 28) uint8; downloads into <root>/MNIST
+    test_u8 = load_mnist(data_root, train=False)  # (N_test, 28, 28) uint8
     train_y, test_y = load_mnist_labels(data_root, True), load_mnist_labels(data_root, False)
     target = primary
     if not _writable(folder):
@@ -244,7 +236,7 @@ def get_classifier(data_root, device, cache_path=None):
              "settings": dict(s)}
     try:
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-        runner.atomic_torch_save(cache, target)
+        atomic_torch_save(cache, target)
     except OSError as e:
         raise NCSNError(f"cannot write the classifier cache {target}: {e.strerror}") from e
     logger.info("classifier cached in %s", target)
@@ -352,6 +344,8 @@ def sample_metrics(images, classifier, reference_images, batch_size=500):
         mean_confidence   mean top-class probability
         n_images          N
         nonfinite_images  images with a NaN or infinite pixel (mapped into [0, 1] before scoring)
+        white_share       share of images with mean pixel > 0.5: MNIST digits average about 0.13, so these
+                          are white backgrounds (a score that pushes the background up), not digits
     """
     x, bad = _as_images(images, "sample images")
     ref = reference_images if isinstance(reference_images, dict) else \
@@ -366,4 +360,5 @@ def sample_metrics(images, classifier, reference_images, batch_size=500):
         "mean_confidence": float(probs.max(axis=1).mean()),
         "n_images": len(x),
         "nonfinite_images": bad,
+        "white_share": float((x.flatten(1).mean(1) > WHITE_MEAN).float().mean()),
     }

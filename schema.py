@@ -41,7 +41,8 @@ class Model:
     num_classes: int  # L, the number of noise levels (geometric between the two)
     ngf: int  # base width of the RefineNet (64 in the paper)
     ema: bool = False  # keep an exponential moving average of the weights (NCSNv2, technique 5)
-    ema_rate: float = 0.999  # its decay per step
+    ema_rate: float = 0.999  # its decay per step (after the warm-up)
+    ema_warmup: bool = True  # decay min(ema_rate, (1 + t) / (10 + t)) at step t, so early weights fade fast
     scale_by_sigma: bool = False  # s(x, sigma_i) = f(x, i) / sigma_i, as the NCSNv2 network (technique 3)
 
 
@@ -57,12 +58,13 @@ class Optim:
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     n_steps_each: int  # T, Langevin steps per noise level (Algorithm 1)
-    step_lr: float  # epsilon: the step at level i is epsilon * sigma_i^2 / sigma_L^2
+    step_lr: float  # the step at level i is step_lr * sigma_i^2 / sigma_L^2 (the paper's epsilon is 2 * step_lr)
     n_samples: int = 100  # images drawn by --sample (shown as a square-ish grid)
     batch_size: int = 100  # images per sampling batch
     n_frames: int = 100  # frames of movie.gif along the trajectory
     denoise: bool = False  # after the last level, one step x <- x + sigma_L^2 s(x, sigma_L) (NCSNv2, appendix)
-    ema: bool = True  # sample (and compute the test loss) with the EMA weights when the run keeps them
+    ema: bool = True  # sample, score and compute the test loss with the EMA weights when the run keeps them
+    init: str = "uniform"  # the chain's start: U[0, 1] (the paper) or gaussian: MNIST's mean pixel + sigma_1 z
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +81,7 @@ class Eval:
 @dataclasses.dataclass(frozen=True)
 class Fast:
     """Speed switches; none of them changes the method (bench/speed.py measures each path)."""
-    bf16: bool = True  # bf16 autocast for the network (fp32 master weights; its input and output stay fp32)
+    bf16: bool = False  # bf16 autocast (fp32 master weights; the input and output convolutions stay fp32)
     fast_kernels: bool = True  # same functions, faster kernels: ELU, CIN++ statistics, 5x5 mean pool (model.py)
     fused_adam: bool = True  # one fused kernel for the Adam update
     channels_last: bool = False  # NHWC layout (slower on the CPUs measured here, try it on a GPU)
@@ -120,6 +122,7 @@ RULES = [  # (key, test, what it must be): checked once, after the types
     ("sampling.n_samples", lambda v: v >= 1, ">= 1"),
     ("sampling.batch_size", lambda v: v >= 1, ">= 1"),
     ("sampling.n_frames", lambda v: v >= 1, ">= 1"),
+    ("sampling.init", lambda v: v in ("uniform", "gaussian"), "uniform or gaussian"),
     ("model.ema_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("eval.n_samples", lambda v: v >= 2, ">= 2"),
     ("eval.n_samples_cpu", lambda v: v >= 2, ">= 2"),
@@ -204,6 +207,20 @@ def load_config(path):
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"config {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from e
     return config_from_dict(raw, source=f"config {path}")
+
+
+# Keys added after a checkpoint format was in use: a checkpoint's config that lacks one was trained with this
+# value (the behaviour before the key existed), which is not always the default of a new config.
+LEGACY_VALUES = {("model", "ema_warmup"): False}
+
+
+def with_legacy_values(raw):
+    """A copy of a checkpoint's config dict with the keys it predates filled in with LEGACY_VALUES."""
+    raw = {s: dict(v) if isinstance(v, dict) else v for s, v in raw.items()}
+    for (section, key), value in LEGACY_VALUES.items():
+        if isinstance(raw.get(section), dict):
+            raw[section].setdefault(key, value)
+    return raw
 
 
 def config_to_dict(config):

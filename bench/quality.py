@@ -29,7 +29,8 @@ import torch  # noqa: E402
 
 import main  # noqa: E402
 import metrics  # noqa: E402
-import runner  # noqa: E402
+import data  # noqa: E402
+from common import read_scalars  # noqa: E402
 
 
 def parse_value(text):
@@ -68,8 +69,8 @@ def bench_config(args, seed_root):
 def reference_rows(args):
     """MNIST training images (the floor) and U[0, 1] noise (the ceiling), scored like samples."""
     classifier = metrics.get_classifier(args.data_root, "cpu")
-    train_u8 = runner.load_mnist(args.data_root, train=True)
-    test_u8 = runner.load_mnist(args.data_root, train=False)
+    train_u8 = data.load_mnist(args.data_root, train=True)
+    test_u8 = data.load_mnist(args.data_root, train=False)
     reference = metrics.reference_stats(classifier, metrics.to_unit(test_u8))
     g = torch.Generator().manual_seed(args.seeds[0])
     pick = torch.randperm(len(train_u8), generator=g)[:args.n_reference]
@@ -118,7 +119,7 @@ def main_bench(argv=None):
         if main.main(["--config", cfg_path, *common]) != 0:
             return 1
         train_s = time.time() - t
-        loss = runner.read_scalars(os.path.join(root, "tensorboard", "q"))["loss"]
+        loss = read_scalars(os.path.join(root, "tensorboard", "q"))["loss"]
         final_loss = sum(loss[s] for s in sorted(loss)[-20:]) / min(20, len(loss))
         for name, sets in variants:
             vcfg = json.loads(json.dumps(cfg))

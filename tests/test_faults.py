@@ -11,6 +11,7 @@ import torch
 
 import main
 import runner
+from common import snapshot_step
 from conftest import REPO, tiny_config, write_config
 
 DRIVER = os.path.join(REPO, "tests", "kill_driver.py")
@@ -30,7 +31,7 @@ def snapshots(log_dir):
             c = torch.load(os.path.join(log_dir, f), weights_only=True)  # raises if half-written
             assert set(c) >= {"model", "optimizer", "step", "rng", "config"}
             if f != "checkpoint.pth":
-                assert c["step"] == int(f[11:-4])
+                assert c["step"] == snapshot_step(f)
             out[f] = c["step"]
     return out
 

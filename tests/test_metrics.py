@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import metrics
 from conftest import write_fake_mnist
-from runner import NCSNError
+from common import NCSNError
 
 
 class FixedClassifier(nn.Module):
@@ -178,7 +178,8 @@ def test_real_classifier_metrics_are_deterministic_and_clamp_their_input():
     b = metrics.sample_metrics(images.clone(), clf, metrics.reference_stats(clf, reference), batch_size=64)
     c = metrics.sample_metrics(images.clamp(0, 1), clf, reference)
     assert a == b == c
-    assert set(a) == {"fid", "inception_score", "class_shares", "mean_confidence", "n_images", "nonfinite_images"}
+    assert set(a) == {"fid", "inception_score", "class_shares", "mean_confidence", "n_images", "nonfinite_images",
+                      "white_share"}
     assert len(a["class_shares"]) == 10 and sum(a["class_shares"]) == pytest.approx(1.0)
     assert a["fid"] > 0 and 1 <= a["inception_score"] <= 10 and 0.1 <= a["mean_confidence"] <= 1
     same = metrics.sample_metrics(reference, clf, reference)
@@ -213,11 +214,11 @@ def test_classifier_shapes_and_random_shift():
 
 
 def test_train_classifier_is_deterministic_and_leaves_the_global_rng_alone(tmp_path):
-    import runner
+    import data as mnist
 
     root = write_fake_mnist(str(tmp_path), n_train=64, n_test=32)
-    data = (runner.load_mnist(root, True), metrics.load_mnist_labels(root, True),
-            runner.load_mnist(root, False), metrics.load_mnist_labels(root, False))
+    data = (mnist.load_mnist(root, True), mnist.load_mnist_labels(root, True),
+            mnist.load_mnist(root, False), mnist.load_mnist_labels(root, False))
     rng = torch.get_rng_state()
     m1, acc1 = metrics.train_classifier(*data, seed=5, log=lambda s: None, epochs=2, batch_size=16)
     assert torch.equal(torch.get_rng_state(), rng)
@@ -306,8 +307,8 @@ def test_eval_on_a_tiny_run_writes_metrics_and_per_level_loss(tmp_path, monkeypa
     a minute), metrics.json and TensorBoard scalars; the same seed gives the same numbers."""
     import json
 
+    import common
     import main
-    import runner
     from conftest import tiny_config, write_config, write_fake_mnist
 
     data = write_fake_mnist(str(tmp_path / "data"), n_train=64, n_test=32)
@@ -327,5 +328,18 @@ def test_eval_on_a_tiny_run_writes_metrics_and_per_level_loss(tmp_path, monkeypa
     assert 1.0 <= a["inception_score"] <= 10.0 and abs(sum(a["class_shares"]) - 1) < 1e-9
     # per-level DSM loss of an untrained net is about 784/2 at every level (s ~ 0, weighted by sigma^2)
     assert all(50 < v < 2000 for v in a["test_loss_per_level"])
-    scalars = runner.read_scalars(tmp_path / "run" / "tensorboard" / "e")
+    scalars = common.read_scalars(tmp_path / "run" / "tensorboard" / "e")
     assert 4 in scalars["metrics/fid"] and sorted(scalars["test_loss/level_0"]) == [4]
+
+
+def test_white_share_counts_images_brighter_than_half():
+    """A white background (mean pixel > 0.5) is what the whitening defect of short fast-path runs drew; a
+    digit on black (MNIST averages 0.13) is not counted, however bright its stroke."""
+    clf = metrics.DigitClassifier().eval()
+    digits = torch.zeros(6, 1, 28, 28)
+    digits[:, :, 8:20, 12:16] = 1.0  # a bright stroke: mean 0.06
+    white = torch.full((2, 1, 28, 28), 0.9)
+    white[:, :, 8:20, 12:16] = 0.0  # a dark stroke on white: mean 0.84
+    grey = torch.full((2, 1, 28, 28), 0.45)  # just under the threshold
+    r = metrics.sample_metrics(torch.cat([digits, white, grey]), clf, torch.rand(10, 1, 28, 28))
+    assert r["white_share"] == pytest.approx(2 / 10)

@@ -8,6 +8,9 @@ from scipy.spatial.distance import pdist
 from scipy.stats import norm
 
 import main
+import data
+import inpaint
+import noise
 import runner
 from conftest import tiny_config, write_config
 from test_method import gaussian_score
@@ -32,30 +35,30 @@ def test_ema_update_is_the_exponential_average():
 
 
 def test_noise_rules_against_hand_computed_values():
-    g = runner.noise_ratio_gamma(784)
+    g = noise.noise_ratio_gamma(784)
     c = math.sqrt(2 * 784)
     assert norm.cdf(c * (g - 1) + 3 * g) - norm.cdf(c * (g - 1) - 3 * g) == pytest.approx(0.5, abs=1e-9)
     assert g == pytest.approx(1.082, abs=0.001)  # by hand: the equation gives 0.528 at 1.080 and 0.456 at 1.085
     # 1 + log(16.9 / 0.01) / log(1.082) = 95.3: 96 levels, the issue's "about 96"
-    assert runner.num_noise_levels(16.9, 0.01, 1.082) == 96
-    assert runner.num_noise_levels(1.0, 0.01, 0.01 ** (-1 / 9)) == 10  # the v1 geometric sequence
+    assert noise.num_noise_levels(16.9, 0.01, 1.082) == 96
+    assert noise.num_noise_levels(1.0, 0.01, 0.01 ** (-1 / 9)) == 10  # the v1 geometric sequence
     def f(eps, T, s=0.01):  # technique 4's expression, written out again
         r = 1 - eps / s ** 2
         cterm = 2 * eps / (s ** 2 - s ** 2 * r ** 2)
         return r ** (2 * T) * (g ** 2 - cterm) + cterm
 
     for T in (5, 100):
-        eps = runner.langevin_step_lr(0.01, g, T)
+        eps = noise.langevin_step_lr(0.01, g, T)
         assert 0 < eps < 0.01 ** 2
         # the rule picks the eps that brings f closest to 1: any other eps does worse
         assert all(abs(f(eps, T) - 1) <= abs(f(eps * k, T) - 1) for k in (0.5, 0.9, 0.99, 1.01, 1.1, 2))
-    assert abs(f(runner.langevin_step_lr(0.01, g, 100), 100) - 1) < 0.02  # 100 steps get close to 1
-    assert runner.langevin_step_lr(0.01, g, 100) < runner.langevin_step_lr(0.01, g, 5)  # more steps, smaller
+    assert abs(f(noise.langevin_step_lr(0.01, g, 100), 100) - 1) < 0.02  # 100 steps get close to 1
+    assert noise.langevin_step_lr(0.01, g, 100) < noise.langevin_step_lr(0.01, g, 5)  # more steps, smaller
 
 
 def test_max_pairwise_distance_matches_brute_force():
     x = torch.rand(300, 20) * torch.linspace(0.1, 3, 20)
-    d, (i, j) = runner.max_pairwise_distance(x, chunk=64)
+    d, (i, j) = noise.max_pairwise_distance(x, chunk=64)
     assert d == pytest.approx(pdist(x.double().numpy()).max(), rel=1e-12)
     assert d == pytest.approx(float((x[i].double() - x[j].double()).norm()), rel=1e-12)
 
@@ -79,7 +82,7 @@ def test_denoising_step_is_tweedie_on_the_last_level():
 def test_inpainting_never_changes_the_known_pixels(kind):
     g = torch.Generator().manual_seed(0)
     known = torch.rand(5, 1, 28, 28, generator=g)
-    mask = runner.inpainting_mask(kind, known.shape, g)
+    mask = inpaint.inpainting_mask(kind, known.shape, g)
     assert 0 < mask.float().mean() < 1
     net = torch.nn.Conv2d(1, 1, 3, padding=1)  # any score at all: the known pixels must still come back exactly
     out = runner.anneal_langevin_dynamics(lambda x, y: net(x) * 10, torch.rand(known.shape, generator=g),
@@ -121,7 +124,7 @@ def test_inpaint_and_noise_design_commands(tmp_path, fake_mnist, capsys):
     capsys.readouterr()
     assert main.main(["--config", cfg, *run, "--noise_design"]) == 0
     out = capsys.readouterr().out
-    train = runner.load_mnist(fake_mnist, train=True).float() / 255
+    train = data.load_mnist(fake_mnist, train=True).float() / 255
     d = pdist(train.flatten(1).double().numpy()).max()
-    assert f"num_classes: {runner.num_noise_levels(d, 0.01, runner.noise_ratio_gamma(784))}" in out
+    assert f"num_classes: {noise.num_noise_levels(d, 0.01, noise.noise_ratio_gamma(784))}" in out
     assert f"sigma_begin: {d:.4f}" in out

@@ -1,0 +1,178 @@
+"""What every command of NCSN-MNIST shares: its errors, atomic writes, seeds and where a run lives.
+
+Its own module so that runner.py, metrics.py, evaluate.py and the tests can share these without importing
+each other (no module here imports one that imports it back).
+"""
+import dataclasses
+import os
+import struct
+
+import torch
+
+
+class NCSNError(RuntimeError):
+    """An error the user can act on; main.py prints its one-line message and exits 1."""
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after writing a checkpoint; main.py exits 128 + signum."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Seeds: every random stream of a run is a function of (--seed, what it is for, an index), made here only.
+
+SEED_PRIME = 1_000_003  # seed * SEED_PRIME + offset keeps the streams of nearby seeds apart
+STREAM = {  # what a derived stream is for -> its offset
+    "epoch_order": 0,  # + epoch: the order of the training set in that epoch
+    "test_batch": 7_919,  # + step: the test batch of the training loop's test loss
+    "test_level": 15_485_863,  # + level: --eval's DSM loss at each noise level
+    "sampling_rank": 32_452_843,  # + rank: --sample / --eval on ranks > 0
+    "training_metrics": 49_979_687,  # + step: the samples scored during training
+    "resume_other_device": 67_867_967,  # + step: the training stream after a resume on another device type
+    "inpaint": 86_028_121,  # the test digits, masks and noise of --inpaint
+}
+
+
+def derive_seed(seed, stream, index=0):
+    """The seed of one named random stream of a run: (seed * SEED_PRIME + STREAM[stream] + index) mod 2^63."""
+    return (seed * SEED_PRIME + STREAM[stream] + index) % (2 ** 63)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files
+
+def atomic_torch_save(obj, path):
+    """Write `obj` to `path` so that `path` is always either the old or the complete new file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+SNAPSHOT_PREFIX, SNAPSHOT_SUFFIX = "checkpoint_", ".pth"
+
+
+def snapshot_name(step):
+    return f"{SNAPSHOT_PREFIX}{step}{SNAPSHOT_SUFFIX}"
+
+
+def snapshot_step(name):
+    """The step of a numbered snapshot file name (checkpoint_<step>.pth), or None for any other name."""
+    if not (name.startswith(SNAPSHOT_PREFIX) and name.endswith(SNAPSHOT_SUFFIX)):
+        return None
+    digits = name[len(SNAPSHOT_PREFIX):-len(SNAPSHOT_SUFFIX)]
+    return int(digits) if digits.isdigit() else None
+
+
+def numbered_snapshots(log_dir):
+    """[(step, file name)] of the checkpoint_<step>.pth files in log_dir, oldest first."""
+    found = ((snapshot_step(f), f) for f in os.listdir(log_dir))
+    return sorted((step, f) for step, f in found if step is not None)
+
+
+def read_scalars(tb_dir):
+    """All scalars in the TensorBoard event files of `tb_dir`: {tag: {step: value}} (later files win)."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    files = sorted(f for f in os.listdir(tb_dir) if "tfevents" in f) if os.path.isdir(tb_dir) else []
+    for name in files:
+        with open(os.path.join(tb_dir, name), "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos + 12 <= len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            if pos + 16 + n > len(data):
+                break  # a record cut off by a crash
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 16 + n
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where a run lives and which process we are
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """The folders of one run (<run>/logs/<doc>, <run>/tensorboard/<doc>) and this process's rank under torchrun
+    (0 of 1 for a plain run). A runtime object, not config."""
+    root: str
+    doc: str
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_args(cls, args):
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return cls(args.run, args.doc, torch.distributed.get_rank() if dist else 0,
+                   torch.distributed.get_world_size() if dist else 1)
+
+    @property
+    def log_dir(self):
+        return os.path.join(self.root, "logs", self.doc)
+
+    @property
+    def tb_dir(self):
+        return os.path.join(self.root, "tensorboard", self.doc)
+
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.log_dir, "checkpoint.pth")
+
+    def shard(self, n):
+        """(start, stop) of this rank's share of n items: contiguous, sizes differing by at most one."""
+        return self.rank * n // self.world, (self.rank + 1) * n // self.world
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def gather(self, x):
+        """Concatenate every rank's tensor in rank order (on all ranks); x itself when not distributed."""
+        if self.world == 1:
+            return x
+        parts = [None] * self.world
+        torch.distributed.all_gather_object(parts, x.cpu())
+        return torch.cat(parts)
+
+    def any_rank(self, flag, device):
+        """True on every rank if `flag` is true on any (one all-reduce; the flag itself when not distributed)."""
+        if self.world == 1:
+            return bool(flag)
+        t = torch.tensor([int(bool(flag))], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def output_paths(folder, names, overwrite):
+    """{name: folder/name} for the files a command will write into -o; refuses to replace any without
+    --overwrite, and makes the folder."""
+    paths = {k: os.path.join(folder, k) for k in names}
+    present = [p for p in paths.values() if os.path.exists(p)]
+    if present and not overwrite:
+        raise NCSNError(f"{', '.join(present)} already exist: choose another -o or pass --overwrite")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise NCSNError(f"cannot create the image folder {folder}: {e.strerror}") from e
+    if not os.access(folder, os.W_OK):
+        raise NCSNError(f"the image folder {folder} is not writable")
+    return paths

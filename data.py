@@ -1,0 +1,88 @@
+"""MNIST for NCSN: the IDX files through torchvision, uniform dequantization, the data space, and the
+randomness of one training step. Its own module so that training, evaluation, the metrics classifier and the
+benchmarks read the data through one piece of code."""
+import logging
+import os
+
+import torch
+
+from common import NCSNError, derive_seed
+
+log = logging.getLogger("ncsn")
+
+MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte"]
+LOGIT_LAMBDA = 1e-6  # logit_transform keeps pixels in [lam, 1 - lam]
+MNIST_MEAN = 0.1307  # the mean pixel of the 60,000 training digits in [0, 1]
+
+
+def _mnist(root, train, download):
+    """torchvision's MNIST dataset from <root>/MNIST/raw, downloading only missing files; one-line errors."""
+    import torchvision  # slow to import; only the paths that read data need it
+
+    raw = os.path.join(root, "MNIST", "raw")
+    missing = [f for f in MNIST_FILES if not os.path.isfile(os.path.join(raw, f))]
+    if missing and download:
+        log.info("MNIST not found in %s: downloading it", raw)
+    try:
+        return torchvision.datasets.MNIST(root, train=train, download=bool(missing) and download)
+    except (RuntimeError, OSError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if any(not os.path.isfile(os.path.join(raw, f)) for f in MNIST_FILES):
+            raise NCSNError(f"MNIST is missing from {raw} and could not be downloaded ({why.rstrip(':')}); "
+                            f"offline, put the four files {', '.join(MNIST_FILES)} there") from e
+        raise NCSNError(f"an MNIST file in {raw} is truncated or corrupt ({why}); delete it to download it "
+                        f"again, or copy it afresh") from e
+    except (AssertionError, ValueError, IndexError, KeyError, EOFError) as e:
+        raise NCSNError(f"an MNIST file in {raw} is truncated or corrupt ({type(e).__name__}); "
+                        f"delete it to download it again, or copy it afresh") from e
+
+
+def load_mnist(root, train, download=True):
+    """MNIST images as one uint8 tensor (N, 28, 28), read by torchvision from <root>/MNIST/raw."""
+    data = _mnist(root, train, download).data
+    if data.dtype != torch.uint8 or data.dim() != 3 or tuple(data.shape[1:]) != (28, 28) or len(data) == 0:
+        raw = os.path.join(root, "MNIST", "raw")
+        raise NCSNError(f"MNIST in {raw} has images of shape {tuple(data.shape)}, expected (N, 28, 28) uint8")
+    return data  # (N, 28, 28) uint8
+
+
+def load_mnist_labels(root, train):
+    """MNIST labels (N,) int64, read by torchvision from <root>/MNIST/raw (the files must be there)."""
+    return _mnist(root, train, download=False).targets.long()  # (N,)
+
+
+def dequantize(x_u8, generator=None, u=None):
+    """Uniform dequantization: x = (255 x + u) / 256 with x in [0, 1], u ~ U[0, 1) (i.e. (k + u) / 256);
+    u is drawn from `generator` unless given."""
+    x = x_u8.unsqueeze(1).float()  # (B, 1, 28, 28)
+    if u is None:
+        u = torch.rand(x.shape, generator=generator, device=x.device)
+    return (x + u) / 256.0
+
+
+def logit_transform(x, lam=LOGIT_LAMBDA):
+    """Map [0, 1] to the real line: logit(lam + (1 - 2 lam) x)."""
+    x = lam + (1 - 2 * lam) * x
+    return torch.log(x) - torch.log1p(-x)
+
+
+def data_space(config):
+    """(to_model, to_image): pixels in [0, 1] to the space the model works in, and back."""
+    if config.data.logit_transform:
+        return logit_transform, torch.sigmoid
+    return (lambda x: x), (lambda x: x)
+
+
+def batch_noise(generator, batch, num_levels, device, shape=(1, 28, 28)):
+    """The randomness of one training step, in the order a single process draws it: the dequantization
+    noise u ~ U[0, 1) (B, 1, 28, 28), the levels i ~ U{0..L-1} (B,) and z ~ N(0, I) (B, 1, 28, 28)."""
+    u = torch.rand((batch, *shape), generator=generator, device=device)
+    labels = torch.randint(num_levels, (batch,), generator=generator, device=device)
+    z = torch.randn((batch, *shape), generator=generator, device=device)
+    return u, labels, z
+
+
+def epoch_permutation(seed, epoch, n):
+    """The order of the training set in `epoch`: a function of (seed, epoch) only, so resume needs no state."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch_order", epoch)))

@@ -1,0 +1,121 @@
+"""--eval: sample quality and per-level test loss of a trained run, and the same scores during training.
+
+Its own module: it joins the method (runner.py) to the metrics (metrics.py) and writes metrics.json; the
+training loop knows nothing of it and only calls the `TrainingMetrics` hook that main.py hands it.
+"""
+import json
+import logging
+import os
+import time
+
+import torch
+
+import metrics
+from common import Run, derive_seed
+from data import data_space, dequantize, load_mnist
+from runner import draw_samples, dsm_loss, load_trained, make_score_fn, sampling_generator
+
+log = logging.getLogger("ncsn")
+LOSS_BATCH = 500  # test images per forward pass of the per-level loss
+EVAL_GRID = 100  # --eval writes the first this many samples as eval_samples_<step>.png
+
+
+def test_loss_per_level(score_fn, to_model, test_u8, sigmas, anneal_power, seed, batch_size=LOSS_BATCH):
+    """The DSM loss (eq. 6) of the test images at each noise level separately: a list of L floats."""
+    out = []
+    for i in range(len(sigmas)):
+        g = torch.Generator(test_u8.device).manual_seed(derive_seed(seed, "test_level", i))
+        total = 0.0
+        with torch.no_grad():
+            for b in range(0, len(test_u8), batch_size):
+                x = to_model(dequantize(test_u8[b:b + batch_size], g))
+                labels = torch.full((len(x),), i, dtype=torch.long, device=x.device)
+                total += float(dsm_loss(score_fn, x, sigmas, g, labels=labels, anneal_power=anneal_power)[0].sum())
+        out.append(total / len(test_u8))
+    return out
+
+
+def record_metrics(run, record, levels=None):
+    """Append a record to <run>/logs/<doc>/metrics.json (atomically) and its scalars to TensorBoard."""
+    path = os.path.join(run.log_dir, "metrics.json")
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            records = json.load(f)
+    records.append(record)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(tmp, path)
+    from tensorboardX import SummaryWriter
+    with SummaryWriter(run.tb_dir, filename_suffix=f".{time.time_ns()}") as writer:
+        for k in ("fid", "inception_score", "mean_confidence", "white_share"):
+            if k in record:
+                writer.add_scalar(f"metrics/{k}", record[k], record["step"])
+        for i, v in enumerate(levels or []):
+            writer.add_scalar(f"test_loss/level_{i}", v, record["step"])
+
+
+def evaluate(args, config, device):
+    """--eval: FID, Inception-style score, digit shares, white share and confidence of eval.n_samples(_cpu)
+    samples of the run's checkpoint against the MNIST test set, and the DSM loss of the test images at each
+    noise level; appended to metrics.json and written to TensorBoard at the checkpoint's step."""
+    run, device = Run.from_args(args), torch.device(device)
+    run_cfg, score_fn, sigmas, step = load_trained(run, config, device, args.seed)
+    n = run_cfg.eval.n_samples if device.type == "cuda" else run_cfg.eval.n_samples_cpu
+    test_u8 = load_mnist(run_cfg.data.root, train=False).to(device)
+    classifier = metrics.get_classifier(run_cfg.data.root, device)
+    reference = metrics.reference_stats(classifier, metrics.to_unit(test_u8))
+    t0 = time.time()
+    lo, hi = run.shard(n)
+    samples = run.gather(draw_samples(score_fn, sigmas, run_cfg, hi - lo, sampling_generator(run, device, args.seed),
+                                      device))
+    seconds = time.time() - t0
+    to_model, to_image = data_space(run_cfg)
+    result = metrics.sample_metrics(to_image(samples), classifier, reference)
+    n_loss = run_cfg.eval.loss_images if device.type == "cuda" else run_cfg.eval.loss_images_cpu
+    levels = test_loss_per_level(score_fn, to_model, test_u8[:n_loss], sigmas, run_cfg.training.anneal_power,
+                                 args.seed)
+    record = {"step": step, "fid": result["fid"], "inception_score": result["inception_score"],
+              "mean_confidence": result["mean_confidence"], "class_shares": result["class_shares"],
+              "white_share": result["white_share"], "n_samples": n, "sampling_seconds": seconds,
+              "seed": args.seed, "test_loss_per_level": levels, "test_loss_images": min(n_loss, len(test_u8))}
+    log.info("step %d, %d samples (%.0f s): FID %.2f, Inception-style score %.2f, confidence %.3f, white %.0f%%",
+             step, n, seconds, result["fid"], result["inception_score"], result["mean_confidence"],
+             100 * result["white_share"])
+    log.info("test DSM loss per level: %s", ", ".join(f"{v:.3f}" for v in levels))
+    if run.rank == 0:
+        record_metrics(run, record, levels)
+        from torchvision.utils import save_image
+        grid = os.path.join(run.log_dir, f"eval_samples_{step}.png")  # what was scored, to look at
+        save_image(to_image(samples[:EVAL_GRID]).clamp(0, 1), grid, nrow=10, padding=2)
+        log.info("wrote %s (the first %d samples)", grid, min(EVAL_GRID, n))
+    return 0
+
+
+class TrainingMetrics:
+    """The training loop's on_snapshot hook for eval.every_snapshots = k: every k-th snapshot, FID and friends of
+    eval.n_training samples of the sampling weights, with a generator of their own (the training stream is
+    untouched). Holds the classifier and the test set's feature statistics, made at the first call."""
+
+    def __init__(self, config):
+        self.config = config
+        self.classifier, self.reference = None, None
+
+    def __call__(self, state, test_u8):
+        cfg, k = self.config, self.config.eval.every_snapshots
+        if not k or (state.step // cfg.training.snapshot_freq) % k != 0:
+            return
+        if self.classifier is None:
+            self.classifier = metrics.get_classifier(cfg.data.root, state.device)
+            self.reference = metrics.reference_stats(self.classifier, metrics.to_unit(test_u8))
+        t0 = time.time()
+        generator = torch.Generator(state.device).manual_seed(derive_seed(state.seed, "training_metrics",
+                                                                          state.step))
+        score_fn = make_score_fn(state.sampling_model(), cfg, state.device, state.sigmas)
+        samples = draw_samples(score_fn, state.sigmas, cfg, cfg.eval.n_training, generator, state.device)
+        result = metrics.sample_metrics(data_space(cfg)[1](samples), self.classifier, self.reference)
+        log.info("step %d: FID %.2f, Inception-style score %.2f, white %.0f%% on %d samples (%.0f s)", state.step,
+                 result["fid"], result["inception_score"], 100 * result["white_share"], cfg.eval.n_training,
+                 time.time() - t0)
+        record_metrics(state.run, {"step": state.step, "n_samples": cfg.eval.n_training, **result})
