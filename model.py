@@ -1,9 +1,10 @@
 """The NCSN score network for MNIST: a conditional RefineNet with dilated convolutions.
 
 Song & Ermon (2019), "Generative Modeling by Estimating Gradients of the Data Distribution", section 4.2
-and appendix B.1 (the authors call the class CondRefineNetDilated). The exact layout, with a parameter
-count for every part, is in docs/architecture.md of the shared project docs; `tests/test_model.py`
-checks the total of 7,638,657 parameters at ngf 64 and 10 noise levels.
+and appendix B.1 (the authors call the class CondRefineNetDilated). `tests/test_model.py` checks the parameter
+count of every part (7,638,657 in all at ngf 64 and 10 noise levels); `tests/test_authors.py` loads a checkpoint
+written by the authors' own code (through authors.py's name mapping) and reproduces its output to 2e-6, which
+pins the wiring: the order of norm and activation, every skip connection, the pooling and the upsampling.
 
 Every normalisation is conditional on the noise level index y (B,) through CIN++ (appendix B.1):
 for each level an embedding row holds (gamma, alpha, beta).
