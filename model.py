@@ -64,7 +64,7 @@ class CondInstanceNormPlus(nn.Module):
         # fp32 for the same reason): x * a + b with a = gamma / sigma_k, b ~ -mu_k a cancels mu_k. In bf16,
         # for a channel whose mean is large against its spread, that rounds the spread away, with the same
         # error at every pixel of a flat region such as MNIST's background.
-        xf = x.float()
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
         if self.fast:
             mu = xf.mean(dim=(2, 3))  # (B, C)
             var = (xf * xf).mean(dim=(2, 3)).sub_(mu * mu).clamp_min_(0)  # (B, C)
@@ -176,8 +176,9 @@ class CondCRP(nn.Module):
         self.convs = nn.ModuleList([conv3x3(features, features, bias=False) for _ in range(n_stages)])
 
     def pool(self, x):  # 5x5 average, stride 1, zero padding 2 counted (count_include_pad)
-        if self.fast:
-            return F.conv2d(x, x.new_full((x.shape[1], 1, 5, 5), 1 / 25), padding=2, groups=x.shape[1])
+        if self.fast:  # the 5x5 sum by an all-ones depthwise kernel, then / 25: ones are exact in bf16, where
+            # a 1/25 kernel rounds to 0.0400390625 and would bias every output by +0.1% under bf16 autocast
+            return F.conv2d(x, x.new_ones((x.shape[1], 1, 5, 5)), padding=2, groups=x.shape[1]).mul_(1 / 25)
         return F.avg_pool2d(x, 5, stride=1, padding=2)
 
     def forward(self, x, y):
