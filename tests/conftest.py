@@ -80,3 +80,22 @@ def snapshot_tree(folder):
             with open(p, "rb") as f:
                 out[os.path.relpath(p, folder)] = (st.st_size, st.st_mtime_ns, f.read())
     return out
+
+
+def event_files(tb_dir):
+    """The TensorBoard event files in `tb_dir` (names only)."""
+    return {f for f in os.listdir(tb_dir) if "tfevents" in f} if os.path.isdir(tb_dir) else set()
+
+
+def scalars_of_new_event_files(tb_dir, before, tmp):
+    """{tag: {step: value}} of only the event files in `tb_dir` that are not in `before` (the files written by
+    one later process), read with common.read_scalars from a folder `tmp` holding copies of just those."""
+    import shutil
+
+    from common import read_scalars
+
+    new = sorted(event_files(tb_dir) - set(before))
+    os.makedirs(tmp, exist_ok=False)
+    for name in new:
+        shutil.copy(os.path.join(tb_dir, name), os.path.join(tmp, name))
+    return new, read_scalars(tmp)

@@ -29,3 +29,14 @@ def test_quick_recipe_trains_and_samples_at_a_tiny_size(tmp_path, fake_mnist):
     assert main.main(["--run", run, "--doc", "quick", "--sample", "-o", str(out)]) == 0
     samples = torch.load(out / "samples.pt", weights_only=True)
     assert samples.shape == (4, 1, 28, 28) and torch.isfinite(samples).all()
+
+
+def test_the_readme_lists_exactly_the_keys_a_resume_may_change():
+    import re
+
+    import runner
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    block = text.split("<!-- resumable keys -->")[1].split("<!-- /resumable keys -->")[0]
+    assert set(re.findall(r"`([a-z_]+\.[a-z_0-9]+)`", block)) == runner.RESUMABLE_CHANGES

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from common import read_scalars
 from conftest import REPO, tiny_config, write_config
 
 PLAIN = {"fast.bf16": False, "fast.fused_adam": False}  # fp32: the comparison is up to summation order only
@@ -53,6 +54,17 @@ def test_two_processes_match_one(runs):
     assert "over 2 ranks" in p.stderr
     one, two = params(tmp, "one"), params(tmp, "two")
     assert_close_params(one, two)
+    # Adam's step ignores a constant factor on the gradient, so the parameters alone would not see a wrong
+    # scale: the first moment (a running mean of the gradient) does, and the logged loss sees a wrong sum
+    for (k, a), b in zip(one["optimizer"]["state"].items(), two["optimizer"]["state"].values()):
+        err = ((a["exp_avg"] - b["exp_avg"]).norm() / a["exp_avg"].norm()).item()
+        assert err < 1e-3, f"exp_avg of parameter {k}: 2 processes differ from 1 by {err:.3g} of its norm"
+    loss_one = read_scalars(tmp / "run" / "tensorboard" / "one")["loss"]
+    loss_two = read_scalars(tmp / "run" / "tensorboard" / "two")["loss"]
+    assert sorted(loss_one) == sorted(loss_two) == list(range(1, 9))
+    for step in loss_one:
+        assert loss_two[step] == pytest.approx(loss_one[step], rel=1e-4), f"step {step}: {loss_two[step]} " \
+            f"with 2 processes, {loss_one[step]} with 1"
     # only rank 0 wrote: one log, one TensorBoard file
     assert len(os.listdir(tmp / "run" / "tensorboard" / "two")) == 1
     assert (tmp / "run" / "logs" / "two" / "stdout.txt").read_text().count("training at step 1 ") == 1

@@ -93,3 +93,45 @@ def test_network_with_fast_kernels_equals_the_plain_one():
     fast.load_state_dict(plain.state_dict())
     x, y = torch.rand(2, 1, 28, 28), torch.tensor([0, 3])
     torch.testing.assert_close(fast(x, y), plain(x, y), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fast_kernels", [True, False], ids=["fast-kernels", "plain-kernels"])
+def test_bf16_autocast_output_is_close_to_fp32(fast_kernels):
+    # bf16 keeps 8 bits of mantissa (relative rounding 2^-9) and the roundings add up through the network: here
+    # the output drifts by about 2 % of its norm (fast kernels; 1.7 % plain), and must stay within 5 % at every
+    # level, sigma_L's included (the input and the score stay fp32)
+    torch.manual_seed(0)
+    net = CondRefineNetDilated(ngf=8, num_classes=4, fast_kernels=fast_kernels)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, CondInstanceNormPlus):
+                m.embed.weight.normal_(1, 0.3)  # levels that differ, as after training
+    sigmas = torch.tensor([1.0, 0.2154, 0.0464, 0.01])
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    x = torch.zeros(8, 1, 28, 28)  # MNIST-like: a flat black background and a bright stroke, then the noise
+    x[:, :, 6:22, 12:16] = 0.9
+    x = x + sigmas[y].view(-1, 1, 1, 1) * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = net(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = net(x, y)
+    assert low.dtype == torch.float32
+    err = ((low - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).max().item()
+    assert err < 0.05, f"bf16 differs from fp32 by {err:.3%} of the output norm"
+
+
+def test_crp_fast_pooling_is_unbiased_under_bf16():
+    from model import CondCRP
+    crp = CondCRP(6, num_classes=3, act=F.elu)
+    crp.fast = True
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 6, 32, 32, generator=g) + 0.5  # positive: a bias in the weights cannot average out
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = crp.pool(x)
+    ref = F.avg_pool2d(x.float(), 5, stride=1, padding=2)
+    ratio = (fast.float() / ref).mean().item()
+    # bf16 rounds each output by up to 2^-9 relative, with no preferred sign: the mean over 24,576 outputs
+    # must sit on 1 (the 1/25 weight in bf16, 0.0400390625, would put it at 1.00098)
+    assert abs(ratio - 1) < 2e-4, f"mean ratio of bf16 pooling to the fp32 average: {ratio:.6f}"
+    # and in fp32 the fast pooling stays the average pool
+    torch.testing.assert_close(crp.pool(x), ref, rtol=0, atol=1e-6)

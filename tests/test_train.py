@@ -1,13 +1,15 @@
 """End to end on MNIST-format files written by the tests: train, checkpoint, resume, sample."""
 import os
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from PIL import Image
 
 import main
-from conftest import run_main, snapshot_tree, tiny_config, write_config, write_fake_mnist
+from conftest import (event_files, run_main, scalars_of_new_event_files, snapshot_tree, tiny_config, write_config,
+                      write_fake_mnist)
 from common import read_scalars
 from schema import config_from_dict, config_to_dict
 
@@ -57,11 +59,16 @@ def test_resumed_run_ends_bitwise_equal_to_an_unbroken_one(tmp_path, fake_mnist,
     half = tiny_config(fake_mnist, **{"training.n_iters": 5, "training.snapshot_freq": 5}, **switches)
     assert train(tmp_path, half, "half") == 0  # stops at step 5, inside the first epoch (8 steps)
     assert ckpt(tmp_path, "half")["step"] == 5
-    assert train(tmp_path, full, "half", "--resume_training") == 0
+    tb = tmp_path / "run" / "tensorboard" / "half"
+    before = event_files(tb)
+    # another --seed on resume: the run keeps its checkpoint's seed (a resume that took --seed, or that started
+    # afresh from step 0 with --seed, could not end bitwise equal to the unbroken run below)
+    assert train(tmp_path, full, "half", "--resume_training", "--seed", "99") == 0
     a, b = ckpt(tmp_path, "full"), ckpt(tmp_path, "half")
     assert a["step"] == b["step"] == 12
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["seed"] == b["seed"] == 1234
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])
@@ -70,6 +77,11 @@ def test_resumed_run_ends_bitwise_equal_to_an_unbroken_one(tmp_path, fake_mnist,
     assert sorted(scalars["loss"]) == list(range(1, 13))
     full_scalars = read_scalars(tmp_path / "run" / "tensorboard" / "full")
     assert scalars["loss"] == full_scalars["loss"]
+    # the resuming process trained only steps 6..12: its own event file holds no loss of steps 1..5
+    new, resumed = scalars_of_new_event_files(tb, before, tmp_path / "resumed_tb")
+    assert len(new) == 1, new
+    assert sorted(resumed["loss"]) == list(range(6, 13)), f"the resumed process logged steps {sorted(resumed['loss'])}"
+    assert {k: full_scalars["loss"][k] for k in range(6, 13)} == resumed["loss"]
 
 
 def test_fresh_run_into_an_existing_folder_is_refused_and_changes_nothing(tmp_path, fake_mnist, capsys):
@@ -135,11 +147,46 @@ def test_missing_mnist_offline_names_the_folder_and_files(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_logit_transform_run_trains_and_samples(tmp_path, fake_mnist):
+def test_logit_data_space_round_trip():
+    import data
+    cfg = config_from_dict(tiny_config("unused", **{"data.logit_transform": True}))
+    to_model, to_image = data.data_space(cfg)
+    x = torch.linspace(0, 1, 257)
+    y = to_model(x)
+    lam = data.LOGIT_LAMBDA
+    p = lam + (1 - 2 * lam) * x.double()
+    # logit, not the identity (rtol for fp32 at 1 - lam)
+    torch.testing.assert_close(y.double(), torch.log(p / (1 - p)), rtol=2e-3, atol=1e-4)
+    assert y[0] < -13 and y[-1] > 13 and y[128].abs() < 1e-6
+    torch.testing.assert_close(to_image(y), x, rtol=0, atol=1e-5)  # sigmoid undoes it (up to lam)
+    plain_to_model, plain_to_image = data.data_space(config_from_dict(tiny_config("unused")))
+    assert torch.equal(plain_to_model(x), x) and torch.equal(plain_to_image(x), x)
+
+
+def test_logit_transform_run_trains_and_samples(tmp_path, fake_mnist, monkeypatch):
+    import data
+    import runner
     cfg = tiny_config(fake_mnist, **{"training.n_iters": 2, "data.logit_transform": True})
+    seen = []  # the clean inputs the loss receives (training and test batches): logit(dequantized pixels)
+    real_dsm_loss = runner.dsm_loss
+    monkeypatch.setattr(runner, "dsm_loss", lambda score_fn, x, *a, **k: seen.append(x.detach().clone()) or
+                        real_dsm_loss(score_fn, x, *a, **k))
     assert train(tmp_path, cfg, "logit") == 0
+    assert len(seen) >= 2
+    x = torch.cat(seen)
+    assert x.min() < -5  # logit((k + u) / 256) of a background pixel (k = 0): below logit(1 / 256) = -5.5
+    lam = data.LOGIT_LAMBDA
+    pixels = (torch.sigmoid(x.double()) - lam) / (1 - 2 * lam) * 256  # back to k + u, u in [0, 1)
+    values = set(torch.cat([data.load_mnist(fake_mnist, train=t).flatten() for t in (True, False)]).tolist())
+    assert set(pixels.floor().long().unique().tolist()) <= values
     out = tmp_path / "logit_samples"
     assert main.main(["--run", str(tmp_path / "run"), "--doc", "logit", "--sample", "-o", str(out)]) == 0
     raw = torch.load(out / "samples.pt", weights_only=True)
-    assert torch.isfinite(raw).all() and (raw.min() < 0 or raw.max() > 1)  # raw samples live in logit space
-    assert os.path.getsize(out / "samples.png") > 0
+    assert raw.shape == (4, 1, 28, 28) and torch.isfinite(raw).all()
+    # the PNG shows sigmoid(raw): the grid (2 x 2 images of 28 px, 2 px padding) holds its pixels, rounded
+    grid = torch.from_numpy(np.asarray(Image.open(out / "samples.png"))[..., 0].astype(np.int64))
+    for k in range(4):
+        r, c = 2 + (k // 2) * 30, 2 + (k % 2) * 30
+        expected = (torch.sigmoid(raw[k, 0]) * 255 + 0.5).floor().clamp(0, 255).long()
+        diff = (grid[r:r + 28, c:c + 28] - expected).abs().max().item()
+        assert diff <= 1, f"sample {k}: the PNG differs from sigmoid(samples.pt) by {diff} levels of 255"

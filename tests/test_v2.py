@@ -12,7 +12,8 @@ import data
 import inpaint
 import noise
 import runner
-from conftest import tiny_config, write_config
+from common import read_scalars
+from conftest import event_files, scalars_of_new_event_files, tiny_config, write_config
 from test_method import gaussian_score
 
 
@@ -100,10 +101,20 @@ def test_ema_run_checkpoints_resumes_and_samples_with_ema(tmp_path, fake_mnist):
     assert main.main(["--config", path, *run, "--doc", "full"]) == 0
     half = write_config(tmp_path / "h.yml", {**cfg, "training": {**cfg["training"], "n_iters": 3}})
     assert main.main(["--config", half, *run, "--doc", "half"]) == 0
-    assert main.main(["--config", path, *run, "--doc", "half", "--resume_training"]) == 0
+    before = event_files(tmp_path / "run/tensorboard/half")
+    # resumed with another --seed: the run keeps its checkpoint's seed and must still end equal to "full"
+    assert main.main(["--config", path, *run, "--doc", "half", "--resume_training", "--seed", "7"]) == 0
     a = torch.load(tmp_path / "run/logs/full/checkpoint.pth", weights_only=True)
     b = torch.load(tmp_path / "run/logs/half/checkpoint.pth", weights_only=True)
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert b["seed"] == a["seed"] and b["step"] == 6
+    # the resuming process trained steps 4..6 only: its own event file holds the loss of no earlier step
+    new, resumed = scalars_of_new_event_files(tmp_path / "run/tensorboard/half", before, tmp_path / "resumed_tb")
+    assert len(new) == 1, new
+    assert sorted(resumed["loss"]) == [4, 5, 6], f"the resumed process logged steps {sorted(resumed['loss'])}"
+    full_loss = read_scalars(tmp_path / "run/tensorboard/full")["loss"]
+    assert resumed["loss"] == {k: full_loss[k] for k in (4, 5, 6)}
     assert not torch.equal(a["ema"]["end_conv.weight"], a["model"]["end_conv.weight"])
     # sampling uses the EMA weights unless sampling.ema is off
     assert main.main([*run, "--doc", "full", "--sample", "-o", str(tmp_path / "ema")]) == 0
@@ -128,3 +139,82 @@ def test_inpaint_and_noise_design_commands(tmp_path, fake_mnist, capsys):
     d = pdist(train.flatten(1).double().numpy()).max()
     assert f"num_classes: {noise.num_noise_levels(d, 0.01, noise.noise_ratio_gamma(784))}" in out
     assert f"sigma_begin: {d:.4f}" in out
+
+
+def coupled_gaussian_score(mu, s0, c, sigmas):
+    """The exact score of N(mu 1, s0^2 I + c^2 1 1^T) (every pixel shares one N(0, c^2) offset) convolved with
+    N(0, sigma_i^2 I): -(a I + c^2 1 1^T)^-1 (x - mu) with a = s0^2 + sigma_i^2 (Sherman-Morrison)."""
+    def score(x, labels):
+        a = s0 ** 2 + sigmas[labels].view(-1, 1, 1, 1) ** 2
+        d = (x - mu)
+        D = x[0].numel()
+        return -(d - c ** 2 * d.sum(dim=(1, 2, 3), keepdim=True) / (a + D * c ** 2)) / a
+    return score
+
+
+def test_inpainting_conditions_every_step_on_the_noisy_known_pixels():
+    # 4x4 images whose pixels share one offset: N(0.5, 0.1^2 I + 0.3^2 1 1^T). The left half is known (0.9).
+    sigmas = torch.tensor([1.0, 0.3, 0.1])
+    mu, s0, c, B = 0.5, 0.1, 0.3, 1000
+    score = coupled_gaussian_score(mu, s0, c, sigmas)
+    known = torch.full((B, 1, 4, 4), 0.9)
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., :2] = True
+    seen = {}
+
+    def record(i, t, x):
+        seen.setdefault(i, []).append((x - known)[mask.expand_as(x)].clone())
+
+    x0 = torch.rand(known.shape, generator=torch.Generator().manual_seed(1))
+    out = runner.anneal_langevin_dynamics(score, x0, sigmas, 30, 5e-3, torch.Generator().manual_seed(2),
+                                          callback=record, known=known, mask=mask)
+    assert sorted(seen) == [0, 1, 2] and all(len(v) == 30 for v in seen.values())
+    z_levels = []
+    for i, sigma in enumerate(sigmas.tolist()):
+        first = seen[i][0]
+        # at every step of level i the known pixels are known + sigma_i z': one z' for the whole level ...
+        for t, r in enumerate(seen[i]):
+            assert torch.equal(r, first), f"level {i} step {t}: the known pixels moved within the level"
+        z = first / sigma
+        assert z.mean().abs() < 0.05 and z.std().item() == pytest.approx(1.0, abs=0.05), (i, z.std())
+        z_levels.append(z)
+    # ... and a fresh z' at every level
+    for i in range(len(z_levels) - 1):
+        assert torch.corrcoef(torch.stack([z_levels[i], z_levels[i + 1]]))[0, 1].abs() < 0.05
+    assert torch.equal(out[mask.expand_as(out)], known[mask.expand_as(out)])
+
+    # the known pixels pull the unknown ones: E[x_U | x_K~] for the noised Gaussian at sigma_L, against a run
+    # with nothing known (mean mu)
+    k, a = int(mask.sum()), s0 ** 2 + float(sigmas[-1]) ** 2
+    expected = mu + c ** 2 * k * (0.9 - mu) / (a + k * c ** 2)  # 0.889
+    unknown = out[~mask.expand_as(out)]
+    free = runner.anneal_langevin_dynamics(score, x0, sigmas, 30, 5e-3, torch.Generator().manual_seed(2),
+                                           known=known, mask=torch.zeros_like(mask))
+    assert free.mean().item() == pytest.approx(mu, abs=0.08)  # the shared offset mixes slowly: a wider band
+    assert unknown.mean().item() == pytest.approx(expected, abs=0.03), \
+        f"mean of the inpainted pixels {unknown.mean().item():.3f}, expected {expected:.3f} (nothing known: {mu})"
+
+
+def test_langevin_step_rule_on_the_real_sampler():
+    # Technique 4 checked by simulation, not by re-typing its formula: the real sampler, one level sigma_L, with
+    # the exact score of a point mass at 0 noised by sigma_L (-x / sigma_L^2), started at N(0, (gamma sigma_L)^2)
+    # (the spread the previous level leaves): after T steps at the rule's step_lr the samples have variance
+    # close to sigma_L^2, and other step sizes, on the same random numbers, end farther from it.
+    s, T = 0.01, 50
+    gamma = noise.noise_ratio_gamma(784)
+    step_lr = noise.langevin_step_lr(s, gamma, T)
+
+    def variance_ratio(lr):
+        g = torch.Generator().manual_seed(0)
+        x = gamma * s * torch.randn(4000, 1, 8, 8, generator=g)  # 256,000 one-dimensional chains
+        out = runner.anneal_langevin_dynamics(lambda x, labels: -x / s ** 2, x, torch.tensor([s]), T, lr, g)
+        return (out.double().pow(2).mean() / s ** 2).item()
+
+    best = variance_ratio(step_lr)
+    assert best == pytest.approx(1.0, abs=0.05), best
+    for k in (1 / 3, 3):
+        other = variance_ratio(step_lr * k)
+        assert abs(other - 1) > abs(best - 1) + 0.02, f"step_lr x {k:.3g}: ratio {other:.4f}, the rule's {best:.4f}"
+    for k in (1 / 1.5, 1.5):  # the rule's step is the best one, also against nearer ones
+        other = variance_ratio(step_lr * k)
+        assert abs(other - 1) > abs(best - 1), f"step_lr x {k:.3g}: ratio {other:.4f}, the rule's {best:.4f}"
