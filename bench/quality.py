@@ -1,18 +1,21 @@
-"""Sample quality of a small NCSN trained briefly on the CPU, through the repository's own commands.
+"""Sample quality of NCSN trained on the CPU, through the repository's own commands (main.py and --eval).
 
-    .venv/bin/python bench/quality.py --data_root ../shared/data                  # v1, small, 400 steps
+    .venv/bin/python bench/quality.py --config configs/quick.yml --data_root ../shared/data      # the recipe
+    .venv/bin/python bench/quality.py --config configs/quick.yml --data_root ../shared/data --snapshots
+    .venv/bin/python bench/quality.py --data_root ../shared/data --steps 400 --ngf 16 --batch_size 64
     .venv/bin/python bench/quality.py --data_root ../shared/data --reference      # the two reference rows
-    .venv/bin/python bench/quality.py --data_root ../shared/data --seeds 1 2 --set fast.bf16=false ...
+    .venv/bin/python bench/quality.py --config configs/quick.yml --seeds 1 2 3 --set fast.bf16=true
 
-For each seed it writes a config (the --config file with the size flags and --set overrides applied), trains
-it with `main.py` into run/bench/<stamp>-<seed>, then scores it with `main.py --eval` once per --eval_variant
-(a name and sampling overrides, e.g. "EMA+denoise:sampling.ema=true,sampling.denoise=true"), and prints FID,
-the Inception-style score (IS), confidence and the time of each part. FID is on the 128 features of the
-repository's MNIST classifier (metrics.py), against the 10,000 test images; it compares runs of this project,
-and only at the same number of samples: FID from few samples is biased upwards (100 real training digits
-score 41.5 where 10,000 score 1.74; `--reference --n_reference 100` shows it). The defaults (400 steps at
-ngf 16, 100 samples with the paper's 100 Langevin steps a level) took 15 minutes on one busy CPU core.
-Real MNIST can be given with --data_root (for example ../shared/data on this project's machines).
+For each seed it writes a config (the --config file, with --steps/--ngf/--batch_size/--n_steps_each where
+given and the --set overrides applied), trains it with `main.py` into run/bench/<stamp>-<seed>, then scores it
+with `main.py --eval` once per --eval_variant (a name and sampling overrides, e.g.
+"T=30:sampling.n_steps_each=30,sampling.step_lr=8e-6") and, with --snapshots, at every numbered snapshot
+too (the time-quality curve of one run). Each row gives FID, the Inception-style score (IS), the mean top-class
+confidence, the range of the ten digit shares, the share of white samples (mean pixel > 0.5: white
+backgrounds, not digits), the final training loss, and the seconds of training (up to that snapshot), sampling
+and the whole --eval. FID is on the 128 features of the repository's MNIST classifier (metrics.py), against the
+10,000 test images; it compares runs of this project, and only at the same number of samples: 100 real
+training digits score 41.5 where 10,000 score 1.74 (`--reference --n_reference 100`).
 """
 import argparse
 import json
@@ -30,7 +33,7 @@ import torch  # noqa: E402
 import main  # noqa: E402
 import metrics  # noqa: E402
 import data  # noqa: E402
-from common import read_scalars  # noqa: E402
+from common import numbered_snapshots, read_scalars, snapshot_name  # noqa: E402
 
 
 def parse_value(text):
@@ -51,12 +54,16 @@ def overrides(pairs):
 def bench_config(args, seed_root):
     with open(args.config) as f:
         cfg = yaml.safe_load(f)
-    sets = {("training", "n_iters"): args.steps, ("training", "batch_size"): args.batch_size,
-            ("training", "snapshot_freq"): args.steps, ("training", "test_freq"): max(1, args.steps // 10),
-            ("model", "ngf"): args.ngf, ("data", "root"): args.data_root,
-            ("sampling", "n_steps_each"): args.n_steps_each, ("sampling", "batch_size"): args.sample_batch,
+    sets = {("data", "root"): args.data_root, ("sampling", "batch_size"): args.sample_batch,
             ("eval", "n_samples_cpu"): args.n_samples, ("eval", "n_samples"): args.n_samples,
             ("eval", "loss_images_cpu"): args.loss_images, ("eval", "loss_images"): args.loss_images}
+    if args.steps is not None:
+        sets.update({("training", "n_iters"): args.steps, ("training", "snapshot_freq"): args.steps,
+                     ("training", "test_freq"): max(1, args.steps // 10)})
+    for key, value in ((("training", "batch_size"), args.batch_size), (("model", "ngf"), args.ngf),
+                       (("sampling", "n_steps_each"), args.n_steps_each)):
+        if value is not None:
+            sets[key] = value
     sets.update(overrides(args.set))
     for (section, name), value in sets.items():
         cfg.setdefault(section, {})[name] = value
@@ -89,14 +96,14 @@ def main_bench(argv=None):
     p.add_argument("--config", default=os.path.join(REPO, "config.yml"))
     p.add_argument("--data_root", default="run/datasets", help="MNIST in <data_root>/MNIST/raw")
     p.add_argument("--reference", action="store_true", help="only the reference rows")
-    p.add_argument("--steps", type=int, default=400, help="training steps")
-    p.add_argument("--ngf", type=int, default=16, help="RefineNet width (64 in the paper)")
-    p.add_argument("--batch_size", type=int, default=64, help="training batch")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's n_iters)")
+    p.add_argument("--ngf", type=int, default=None, help="RefineNet width (default: the config's)")
+    p.add_argument("--batch_size", type=int, default=None, help="training batch (default: the config's)")
     p.add_argument("--n_samples", type=int, default=100, help="samples scored by each --eval")
     p.add_argument("--sample_batch", type=int, default=100, help="sampling batch")
     p.add_argument("--loss_images", type=int, default=500, help="test images in the per-level DSM loss")
-    p.add_argument("--n_steps_each", type=int, default=100, help="Langevin steps per level (the paper's 100: "
-                   "with 5 the chain does not get from U[0, 1] to digits and every FID is noise-sized)")
+    p.add_argument("--n_steps_each", type=int, default=None, help="Langevin steps per level (default: the config's)")
+    p.add_argument("--snapshots", action="store_true", help="also score every numbered snapshot of each run")
     p.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. model.ema=true fast.bf16=false")
     p.add_argument("--eval_variant", action="append", default=None,
                    help="NAME:KEY=VALUE,...: one --eval with these sampling overrides (repeatable)")
@@ -115,34 +122,80 @@ def main_bench(argv=None):
         os.makedirs(root)
         cfg_path, cfg = bench_config(args, root)
         common = ["--run", root, "--doc", "q", "--seed", str(seed), "--verbose", "warning"]
-        t = time.time()
-        if main.main(["--config", cfg_path, *common]) != 0:
+        t = time.time()  # info level: stdout.txt then records when each snapshot was written
+        if main.main(["--config", cfg_path, *common[:-1], "info"]) != 0:
             return 1
         train_s = time.time() - t
+        log_dir = os.path.join(root, "logs", "q")
         loss = read_scalars(os.path.join(root, "tensorboard", "q"))["loss"]
-        final_loss = sum(loss[s] for s in sorted(loss)[-20:]) / min(20, len(loss))
-        for name, sets in variants:
-            vcfg = json.loads(json.dumps(cfg))
-            for (section, key), value in overrides([sets]).items():
-                vcfg.setdefault(section, {})[key] = value
-            vpath = os.path.join(root, f"eval-{len(rows)}.yml")
-            with open(vpath, "w") as f:
-                yaml.safe_dump(vcfg, f, sort_keys=False)
-            t = time.time()
-            if main.main(["--config", vpath, *common, "--eval"]) != 0:
-                return 1
-            eval_s = time.time() - t
-            with open(os.path.join(root, "logs", "q", "metrics.json")) as f:
-                r = json.load(f)[-1]
-            rows.append((name, seed, r, train_s, final_loss, eval_s))
-    print(f"\n{args.steps} steps at ngf {args.ngf}, batch {args.batch_size}; {args.n_samples} samples, "
-          f"{args.n_steps_each} Langevin steps a level; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| variant | seed | FID | IS | confidence | final train loss | train s | sampling s | eval s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, seed, r, train_s, final_loss, eval_s in rows:
-        print(f"| {name} | {seed} | {r['fid']:.1f} | {r['inception_score']:.2f} | {r['mean_confidence']:.3f} | "
+        saved = snapshot_times(log_dir, train_s)
+        steps = sorted(saved) if args.snapshots else [max(saved)]
+        for step in steps:
+            final_loss = mean_loss_before(loss, step)
+            for name, sets in variants:
+                r, eval_s = score(root, log_dir, cfg, step, name, sets, common, len(rows))
+                if r is None:
+                    return 1
+                rows.append((name, seed, step, r, saved[step], final_loss, eval_s))
+    print(f"\n{os.path.relpath(args.config, REPO)}: ngf {cfg['model']['ngf']}, batch {cfg['training']['batch_size']}; "
+          f"{args.n_samples} samples; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| variant | seed | step | FID | IS | confidence | digit shares | white | train loss | train s | "
+          "sampling s | eval s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, seed, step, r, train_s, final_loss, eval_s in rows:
+        shares = r["class_shares"]
+        print(f"| {name} | {seed} | {step} | {r['fid']:.1f} | {r['inception_score']:.2f} | "
+              f"{r['mean_confidence']:.3f} | {min(shares):.0%}-{max(shares):.0%} | {r.get('white_share', 0):.0%} | "
               f"{final_loss:.2f} | {train_s:.0f} | {r['sampling_seconds']:.0f} | {eval_s:.0f} |")
     return 0
+
+
+def snapshot_times(log_dir, train_s):
+    """{step: seconds of training until that snapshot was written}, from stdout.txt's time stamps."""
+    import re
+    from datetime import datetime
+
+    stamps, start = {}, None
+    with open(os.path.join(log_dir, "stdout.txt")) as f:
+        for line in f:
+            m = re.match(r"\w+ (\S+ \S+) - (.*)", line)
+            if not m:
+                continue
+            when = datetime.strptime(m.group(1).split(",")[0], "%Y-%m-%d %H:%M:%S")
+            if start is None and m.group(2).startswith("training at step"):
+                start = when
+            s = re.match(r"step (\d+): saved checkpoint_", m.group(2))
+            if s and start is not None:
+                stamps[int(s.group(1))] = (when - start).total_seconds()
+    last = max(step for step, _ in numbered_snapshots(log_dir))
+    stamps[last] = train_s  # the whole training command, start-up included
+    return {step: stamps.get(step, float("nan")) for step, _ in numbered_snapshots(log_dir)}
+
+
+def mean_loss_before(loss, step, n=20):
+    steps = [s for s in sorted(loss) if s <= step][-n:]
+    return sum(loss[s] for s in steps) / max(1, len(steps))
+
+
+def score(root, log_dir, cfg, step, name, sets, common, index):
+    """--eval of the snapshot at `step` (its own run folder linking the checkpoint) with sampling overrides."""
+    vcfg = json.loads(json.dumps(cfg))
+    for (section, key), value in overrides([sets]).items():
+        vcfg.setdefault(section, {})[key] = value
+    doc = f"q-{step}"
+    os.makedirs(os.path.join(root, "logs", doc), exist_ok=True)
+    target = os.path.join(root, "logs", doc, "checkpoint.pth")
+    if not os.path.exists(target):
+        os.link(os.path.join(log_dir, snapshot_name(step)), target)
+    vpath = os.path.join(root, f"eval-{index}.yml")
+    with open(vpath, "w") as f:
+        yaml.safe_dump(vcfg, f, sort_keys=False)
+    args = [a if a != "q" else doc for a in common]
+    t = time.time()
+    if main.main(["--config", vpath, *args, "--eval"]) != 0:
+        return None, 0
+    with open(os.path.join(root, "logs", doc, "metrics.json")) as f:
+        return json.load(f)[-1], time.time() - t
 
 
 if __name__ == "__main__":
