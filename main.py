@@ -35,6 +35,8 @@ def parse_args(argv=None):
                    help="FID and Inception-style score of the run's checkpoint, and its test loss per noise level")
     p.add_argument("--noise_design", action="store_true",
                    help="print the NCSNv2 noise levels and step size that the data and config call for")
+    p.add_argument("--import_authors", metavar="PATH",
+                   help="make run --doc from the authors' NCSN run folder run/logs/<doc> (or its checkpoint.pth)")
     p.add_argument("-o", "--image_folder", default="images", help="where --sample and --inpaint write")
     p.add_argument("--overwrite", action="store_true", help="let --sample replace outputs already in -o")
     args = p.parse_args(argv)
@@ -66,7 +68,7 @@ def main(argv=None):
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun with several processes
     try:
         config = None
-        if not (args.sample or args.inpaint or args.eval) or args.config is not None:
+        if not (args.sample or args.inpaint or args.eval or args.import_authors) or args.config is not None:
             config = load_config(args.config or "config.yml")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if distributed:
@@ -79,6 +81,9 @@ def main(argv=None):
         log.info("device %s, torch %s, seed %d%s%s", device, torch.__version__, args.seed,
                  f", {torch.distributed.get_world_size()} processes" if distributed else "",
                  f", comment: {args.comment}" if args.comment else "")
+        if args.import_authors:
+            import authors
+            return authors.import_authors(args)
         if args.noise_design:
             import noise
             return noise.noise_design(config)

@@ -56,3 +56,100 @@ def test_the_name_mapping_is_total_and_checked():
     wrong = {**theirs, "module.normalizer.embed.weight": torch.zeros(10, 30)}
     with pytest.raises(NCSNError, match=r"module\.normalizer\.embed\.weight has shape \(10, 30\)"):
         authors.map_state_dict(wrong, template)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --import_authors
+
+def import_run(tmp_path, source, doc="a"):
+    import main
+
+    return main.main(["--import_authors", str(source), "--run", str(tmp_path / "run"), "--doc", doc])
+
+
+def their_run_copy(tmp_path, state=None, optim=None, config_text=None):
+    """A copy of the fixture's run folder with the checkpoint's state dict or the config replaced."""
+    src = os.path.join(FIXTURE, "run", "logs", "mnist_ngf8")
+    dst = tmp_path / "theirs"
+    dst.mkdir()
+    ckpt = their_checkpoint()
+    torch.save([state if state is not None else ckpt[0], optim if optim is not None else ckpt[1]],
+               dst / "checkpoint.pth")
+    with open(os.path.join(src, "config.yml")) as f:
+        text = f.read()
+    (dst / "config.yml").write_text(config_text if config_text is not None else text)
+    return dst
+
+
+@needs_fixture
+def test_import_then_sample_and_the_weights_and_adam_state_are_theirs(tmp_path, fake_mnist):
+    import main
+    from conftest import tiny_config, write_config
+
+    assert import_run(tmp_path, os.path.join(FIXTURE, "run", "logs", "mnist_ngf8")) == 0
+    ours = torch.load(tmp_path / "run" / "logs" / "a" / "checkpoint.pth", weights_only=True)
+    assert ours["step"] == 0 and ours["config"]["model"]["ngf"] == 8 and ours["config"]["sampling"]["step_lr"] == 2e-5
+    net = CondRefineNetDilated(ngf=8, num_classes=10, fast_kernels=False)
+    net.load_state_dict(ours["model"])
+    io = torch.load(os.path.join(FIXTURE, "io.pt"), weights_only=True)
+    with torch.no_grad():
+        assert (net.eval()(io["x"], io["labels"]) - io["score"]).abs().max().item() < PLAIN_TOL
+    theirs = their_checkpoint()
+    their_index = list(theirs[0]).index("module.refine4.output_convs.3_2_conv.weight")
+    our_index = [n for n, _ in net.named_parameters()].index("refine4.out.convs.5.weight")
+    assert torch.equal(ours["optimizer"]["state"][our_index]["exp_avg"], theirs[1]["state"][their_index]["exp_avg"])
+    small = write_config(tmp_path / "s.yml", tiny_config(fake_mnist, **{"sampling.n_steps_each": 2}))
+    assert main.main(["--run", str(tmp_path / "run"), "--doc", "a", "--sample", "--config", small, "-o",
+                      str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "samples.png").exists()
+
+
+def assert_refused(tmp_path, capsys, source, message):
+    capsys.readouterr()
+    assert import_run(tmp_path, source) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+@needs_fixture
+def test_import_refuses_a_doctored_checkpoint(tmp_path, capsys):
+    state = dict(their_checkpoint()[0])
+    del state["module.res2.0.shortcut.conv.bias"]
+    assert_refused(tmp_path, capsys, their_run_copy(tmp_path, state=state),
+                   "model.py's parameter res2.0.shortcut.conv.bias is missing")
+
+
+@needs_fixture
+def test_import_refuses_a_cifar10_model(tmp_path, capsys):
+    state = {"module.begin_conv.weight": torch.zeros(128, 3, 3, 3),
+             "module.normalizer.embed.weight": torch.zeros(10, 384)}
+    text = (open(os.path.join(FIXTURE, "run", "logs", "mnist_ngf8", "config.yml")).read()
+            .replace("channels: 1", "channels: 3").replace("dataset: MNIST", "dataset: CIFAR10")
+            .replace("image_size: 28", "image_size: 32").replace("ngf: 8", "ngf: 128"))
+    assert_refused(tmp_path, capsys, their_run_copy(tmp_path, state=state, config_text=text),
+                   "is a CIFAR10 model (3 channels, 32 pixels, ngf 128): this repository runs MNIST only")
+
+
+@needs_fixture
+def test_import_refuses_a_config_that_contradicts_the_tensors(tmp_path, capsys):
+    text = open(os.path.join(FIXTURE, "run", "logs", "mnist_ngf8", "config.yml")).read().replace("ngf: 8", "ngf: 16")
+    assert_refused(tmp_path, capsys, their_run_copy(tmp_path, config_text=text),
+                   "its config says model.ngf = 16, its tensors say 8")
+
+
+@needs_fixture
+def test_import_never_executes_yaml_tags(tmp_path, capsys):
+    marker = tmp_path / "executed"
+    text = f"!!python/object/apply:os.system ['touch {marker}']\n"
+    assert_refused(tmp_path, capsys, their_run_copy(tmp_path, config_text=text), "cannot read the authors' config")
+    assert not marker.exists()
+
+
+def test_import_refuses_other_files(tmp_path, capsys):
+    ours = tmp_path / "ours.pth"
+    torch.save({"format": 1, "model": {}}, ours)
+    assert_refused(tmp_path, capsys, ours, "is a checkpoint of this repository, not of the authors' code")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    assert_refused(tmp_path, capsys, junk, "is not readable as a checkpoint")
