@@ -3,6 +3,7 @@
     python main.py --config config.yml --doc mnist               # train into run/logs/mnist
     python main.py --config config.yml --doc mnist --resume_training
     python main.py --doc mnist --sample -o samples               # annealed Langevin dynamics
+    python main.py --import_authors THEIR_RUN --doc authors      # the authors' checkpoint as a run of ours
 
 Exit status: 0 on success, 2 for a bad command line or config, 1 for any other error, 128 + signal
 number when training was stopped by SIGINT or SIGTERM (after writing a checkpoint).
