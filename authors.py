@@ -144,24 +144,24 @@ def our_config(theirs, channels, ngf, n_levels, source):
 
 
 def map_adam_state(their_optim, their_names, model, config):
-    """Their Adam state re-indexed to our parameter order (Adam keys its state by position)."""
+    """Our Adam optimizer over `model`, holding their Adam state re-indexed to our parameter order (Adam keys its
+    state by position)."""
     from runner import make_optimizer
 
     index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
     state = {index[our_name(their_names[i])]: s for i, s in their_optim.get("state", {}).items()}
     optimizer = make_optimizer(config, model)
-    template = optimizer.state_dict()
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": template["param_groups"]})
+        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     except (KeyError, ValueError, RuntimeError) as e:
         raise NCSNError(f"the authors' optimizer state does not fit the network: {e}") from e
-    return optimizer.state_dict()
+    return optimizer
 
 
 def import_authors(args):
     """--import_authors PATH --doc NAME: write run/logs/NAME (checkpoint.pth, config.yml) from their run; nothing
     is written unless every check passes."""
-    from runner import CHECKPOINT_FORMAT, make_model
+    from runner import make_checkpoint, make_model
     from schema import ConfigError, config_from_dict, config_to_dict
 
     run = Run(args.run, args.doc)
@@ -180,12 +180,9 @@ def import_authors(args):
     model = make_model(config, torch.device("cpu"))
     model.load_state_dict(map_state_dict(state, model.state_dict(), source=ckpt_path))
     optimizer = map_adam_state(their_optim, list(state), model, config)
-    generator = torch.Generator().manual_seed(args.seed)
-    checkpoint = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "ema": None, "optimizer": optimizer,
-                  "step": 0,  # unknown: their checkpoint does not record it
-                  "config": config_to_dict(config), "seed": args.seed,
-                  "rng": {"generator": generator.get_state(), "generator_device": "cpu",
-                          "torch_cpu": torch.get_rng_state()}}
+    # step 0: unknown, their checkpoint does not record it
+    checkpoint = make_checkpoint(config, model, None, optimizer, torch.Generator().manual_seed(args.seed), 0,
+                                 args.seed)
     try:
         os.makedirs(run.log_dir)
         with open(os.path.join(run.log_dir, "config.yml"), "w") as f:

@@ -275,7 +275,9 @@ def check_resumable(ckpt, config, path):
     """Resuming needs the checkpoint's settings, except for RESUMABLE_CHANGES: a one-line error otherwise."""
     old, new = with_legacy_values(ckpt["config"]), config_to_dict(config)
     changed = config_differences(old, new)
-    for k in (k for k in ARCHITECTURE_KEYS if k in changed):
+    arch = [k for k in ARCHITECTURE_KEYS if k in changed]
+    if arch:
+        k = arch[0]
         s, f = k.split(".")
         raise NCSNError(f"checkpoint {path} is of a different architecture: it has {k} = "
                         f"{old.get(s, {}).get(f)!r}, the config asks for {new[s][f]!r}")
@@ -386,6 +388,8 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     generator: torch.Generator  # the training stream: the same on every rank
     sigmas: torch.Tensor  # (L,)
+    score_fn: object  # s(x, i) of `net`, built once: what the loss calls
+    to_model: object  # pixels in [0, 1] -> the model's space (data.data_space)
     step: int = 0  # the last completed step
 
     @classmethod
@@ -403,7 +407,9 @@ class TrainState:
         if run.world > 1:
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                             else None)
-        return cls(config, run, device, seed, model, net, ema, optimizer, generator, sigmas, step)
+        net.train()
+        return cls(config, run, device, seed, model, net, ema, optimizer, generator, sigmas,
+                   make_score_fn(net, config, device, sigmas), data_space(config)[0], step)
 
     def sampling_model(self):
         """The weights --sample would use: the EMA's when model.ema and sampling.ema are on."""
@@ -420,10 +426,9 @@ class TrainState:
         cfg = self.config
         u, labels, z = batch_noise(self.generator, len(order), len(self.sigmas), self.device)
         own = slice(*self.run.shard(len(order)))
-        x = data_space(cfg)[0](dequantize(images_u8[order[own]], u=u[own]))  # (b, 1, 28, 28)
-        self.net.train()
-        loss, _ = dsm_loss(make_score_fn(self.net, cfg, self.device, self.sigmas), x, self.sigmas,
-                           labels=labels[own], z=z[own], anneal_power=cfg.training.anneal_power)
+        x = self.to_model(dequantize(images_u8[order[own]], u=u[own]))  # (b, 1, 28, 28)
+        loss, _ = dsm_loss(self.score_fn, x, self.sigmas, labels=labels[own], z=z[own],
+                           anneal_power=cfg.training.anneal_power)
         self.optimizer.zero_grad(set_to_none=True)
         (loss.sum() * self.run.world / len(order)).backward()  # DDP averages: the mean over the global batch
         self.optimizer.step()
@@ -525,7 +530,7 @@ def test_loss(state, test_u8):
     idx = torch.randint(len(test_u8), (cfg.training.batch_size,), generator=g, device=device)
     score_fn = make_score_fn(state.sampling_model(), cfg, device, state.sigmas)
     with torch.no_grad():
-        loss, _ = dsm_loss(score_fn, data_space(cfg)[0](dequantize(test_u8[idx], g)), state.sigmas, g,
+        loss, _ = dsm_loss(score_fn, state.to_model(dequantize(test_u8[idx], g)), state.sigmas, g,
                            anneal_power=cfg.training.anneal_power)
     return float(loss.mean())
 

@@ -121,9 +121,11 @@ def main_bench(argv=None):
         root = os.path.join(args.out, f"{stamp}-{seed}")
         os.makedirs(root)
         cfg_path, cfg = bench_config(args, root)
-        common = ["--run", root, "--doc", "q", "--seed", str(seed), "--verbose", "warning"]
+        def flags(doc, level="warning", root=root, seed=seed):
+            return ["--run", root, "--doc", doc, "--seed", str(seed), "--verbose", level]
+
         t = time.time()  # info level: stdout.txt then records when each snapshot was written
-        if main.main(["--config", cfg_path, *common[:-1], "info"]) != 0:
+        if main.main(["--config", cfg_path, *flags("q", "info")]) != 0:
             return 1
         train_s = time.time() - t
         log_dir = os.path.join(root, "logs", "q")
@@ -133,7 +135,7 @@ def main_bench(argv=None):
         for step in steps:
             final_loss = mean_loss_before(loss, step)
             for name, sets in variants:
-                r, eval_s = score(root, log_dir, cfg, step, name, sets, common, len(rows))
+                r, eval_s = score(root, log_dir, cfg, step, sets, flags, len(rows))
                 if r is None:
                     return 1
                 rows.append((name, seed, step, r, saved[step], final_loss, eval_s))
@@ -177,7 +179,7 @@ def mean_loss_before(loss, step, n=20):
     return sum(loss[s] for s in steps) / max(1, len(steps))
 
 
-def score(root, log_dir, cfg, step, name, sets, common, index):
+def score(root, log_dir, cfg, step, sets, flags, index):
     """--eval of the snapshot at `step` (its own run folder linking the checkpoint) with sampling overrides."""
     vcfg = json.loads(json.dumps(cfg))
     for (section, key), value in overrides([sets]).items():
@@ -190,9 +192,8 @@ def score(root, log_dir, cfg, step, name, sets, common, index):
     vpath = os.path.join(root, f"eval-{index}.yml")
     with open(vpath, "w") as f:
         yaml.safe_dump(vcfg, f, sort_keys=False)
-    args = [a if a != "q" else doc for a in common]
     t = time.time()
-    if main.main(["--config", vpath, *args, "--eval"]) != 0:
+    if main.main(["--config", vpath, *flags(doc), "--eval"]) != 0:
         return None, 0
     with open(os.path.join(root, "logs", doc, "metrics.json")) as f:
         return json.load(f)[-1], time.time() - t

@@ -13,7 +13,7 @@ from conftest import REPO
 def ema_share_of_init(steps, rate, warmup):
     """The weight that the EMA still gives the initial parameters after `steps` updates, measured through
     runner.ema_update: a parameter at 0 that training moves to 1 at the first step and keeps there."""
-    model, ema = torch.nn.Linear(1, 1, bias=False), None
+    model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.zero_()
     ema = runner.make_ema(model)
