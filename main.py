@@ -3,6 +3,7 @@
     python main.py --config config.yml --doc mnist               # train into run/logs/mnist
     python main.py --config config.yml --doc mnist --resume_training
     python main.py --doc mnist --sample -o samples               # annealed Langevin dynamics
+    python main.py --doc mnist --sample --digit 7 --guidance_scale 5 -o sevens     # guidance.py
     python main.py --import_authors THEIR_RUN --doc authors      # the authors' checkpoint as a run of ours
 
 Exit status: 0 on success, 2 for a bad command line or config, 1 for any other error, 128 + signal
@@ -30,6 +31,10 @@ def parse_args(argv=None):
     p.add_argument("--resume_training", action="store_true", help="continue the run from its checkpoint.pth")
     p.add_argument("--sample", "--test", dest="sample", action="store_true",
                    help="draw samples from the run's checkpoint with annealed Langevin dynamics")
+    p.add_argument("--digit", choices=[str(d) for d in range(10)] + ["all"],
+                   help="with --sample: draw this digit, or one row per digit, by classifier guidance (guidance.py)")
+    p.add_argument("--guidance_scale", type=float, metavar="W",
+                   help="with --digit: the guidance scale w >= 0 (default: the config's sampling.guidance_scale)")
     p.add_argument("--inpaint", choices=["bottom", "right", "square", "random"],
                    help="complete MNIST test digits with this region hidden, using the run's checkpoint")
     p.add_argument("--eval", action="store_true",
@@ -43,6 +48,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.doc in ("", ".", "..") or "/" in args.doc or "\\" in args.doc:
         p.error(f"--doc must be a plain folder name, got {args.doc!r}")
+    if args.digit is not None and not args.sample:
+        p.error("--digit goes with --sample")
+    if args.guidance_scale is not None and (args.digit is None or not 0 <= args.guidance_scale < float("inf")):
+        p.error(f"--guidance_scale goes with --digit and must be a number >= 0, got {args.guidance_scale}")
     return args
 
 
@@ -95,7 +104,11 @@ def main(argv=None):
             import evaluate
             return evaluate.evaluate(args, config, device)
         if args.sample:
-            return runner.sample(args, config, device)
+            guide = None
+            if args.digit is not None:
+                import guidance
+                guide = guidance.digit_guide(args, device)
+            return runner.sample(args, config, device, guide=guide)
         hook = None
         if config.eval.every_snapshots:
             import evaluate

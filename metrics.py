@@ -117,40 +117,62 @@ def train_classifier(train_u8, train_labels, test_u8, test_labels, seed=0, log=N
         torch.manual_seed(seed)
         model = DigitClassifier()
     g = torch.Generator().manual_seed(seed)
-    n = len(train_u8)
+    labels = train_labels.long()
+
+    def batch_loss(idx):  # idx (B,)
+        x = to_unit(train_u8[idx])  # (B, 1, 28, 28)
+        if max_shift > 0:
+            x = random_shift(x, max_shift, g)
+        return F.cross_entropy(model(x), labels[idx])
+
+    def on_epoch(epoch, loss):
+        say(f"classifier epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}, {time.time() - t0:.0f} s")
+
+    t0 = time.time()
+    fit_classifier(model, len(train_u8), batch_loss, g, epochs, batch_size, lr, max_steps, on_epoch=on_epoch)
+    model.eval()
+    accuracy = classifier_accuracy(model, test_u8, test_labels.long())
+    say(f"classifier trained in {time.time() - t0:.1f} s on {len(train_u8)} images: test accuracy "
+        f"{100 * accuracy:.2f}%")
+    return model, accuracy
+
+
+def fit_classifier(model, n, batch_loss, generator, epochs, batch_size, lr, max_steps=None, on_epoch=None,
+                   desc=None):
+    """Minimise batch_loss(indices (B,)) -> loss over `epochs` passes through n examples in random batches of
+    `batch_size` (their order from `generator`), with Adam and the lr decayed to 0 on a cosine. `max_steps`
+    cuts training short (tests), on_epoch(epoch, last loss) is called after each pass, and `desc` names a tqdm
+    progress bar (None: no bar). Returns the number of steps; the model is left in training mode."""
     steps_per_epoch = -(-n // batch_size)
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + np.cos(np.pi * s / total)))
-    labels = train_labels.long()
-    t0, step = time.time(), 0
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=desc, disable=None if desc else True)
+    step = 0
     model.train()
     for epoch in range(epochs):
-        perm = torch.randperm(n, generator=g)
+        perm = torch.randperm(n, generator=generator)
         for i in range(steps_per_epoch):
             if step == total:
                 break
-            idx = perm[i * batch_size:(i + 1) * batch_size]
-            x = to_unit(train_u8[idx])  # (B, 1, 28, 28)
-            if max_shift > 0:
-                x = random_shift(x, max_shift, g)
-            loss = F.cross_entropy(model(x), labels[idx])
+            loss = batch_loss(perm[i * batch_size:(i + 1) * batch_size])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             step += 1
-        say(f"classifier epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}, {time.time() - t0:.0f} s")
-    model.eval()
-    accuracy = classifier_accuracy(model, test_u8, test_labels.long())
-    say(f"classifier trained in {time.time() - t0:.1f} s on {n} images: test accuracy {100 * accuracy:.2f}%")
-    return model, accuracy
+            bar.update(1)
+        if on_epoch is not None:
+            on_epoch(epoch, loss)
+    bar.close()
+    return step
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Data and the on-disk cache
 
-_MAKERS = (DigitClassifier, random_shift, to_unit, train_classifier)  # the code that makes the classifier
+_MAKERS = (DigitClassifier, random_shift, to_unit, train_classifier, fit_classifier)  # the code that makes it
 
 
 def classifier_fingerprint():

@@ -32,6 +32,7 @@ ARCHITECTURE_KEYS = ("model.ngf", "model.num_classes", "data.channels", "data.im
 RESUMABLE_CHANGES = {"training.n_epochs", "training.n_iters", "training.snapshot_freq", "training.test_freq",
                      "training.log_freq", "training.keep_snapshots", "data.root", "model.ema_warmup",
                      "sampling.n_steps_each", "sampling.step_lr", "sampling.n_samples", "sampling.batch_size",
+                     "sampling.guidance_scale",
                      "sampling.n_frames", "sampling.denoise", "sampling.ema", "sampling.init", "fast.bf16", "fast.fast_kernels",
                      "fast.fused_adam", "fast.channels_last", "eval.n_samples", "eval.n_samples_cpu",
                      "eval.every_snapshots", "eval.n_training", "eval.loss_images", "eval.loss_images_cpu"}
@@ -586,23 +587,29 @@ def initial_samples(config, sigmas, n, generator, device):
     return logit_transform(x0) if config.data.logit_transform else x0
 
 
-def draw_samples(score_fn, sigmas, config, n, generator, device, callback=None):
+def draw_samples(score_fn, sigmas, config, n, generator, device, callback=None, score_for_batch=None):
     """n samples by annealed Langevin dynamics from `initial_samples`, in batches of sampling.batch_size;
-    `callback` sees the first batch only. Returns the raw final tensor (n, 1, 28, 28) on the CPU."""
+    `callback` sees the first batch only. Returns the raw final tensor (n, 1, 28, 28) on the CPU.
+    score_for_batch(start, stop), when given, is the score function of samples start..stop in place of
+    score_fn (class-conditional sampling gives each batch its own digits: guidance.py)."""
     scfg, batches = config.sampling, []
     for b in range(0, n, scfg.batch_size):
         x0 = initial_samples(config, sigmas, min(scfg.batch_size, n - b), generator, device)
-        batches.append(anneal_langevin_dynamics(score_fn, x0, sigmas, scfg.n_steps_each, scfg.step_lr, generator,
+        fn = score_fn if score_for_batch is None else score_for_batch(b, b + len(x0))
+        batches.append(anneal_langevin_dynamics(fn, x0, sigmas, scfg.n_steps_each, scfg.step_lr, generator,
                                                 callback=callback if b == 0 else None,
                                                 denoise=scfg.denoise).cpu())
     return torch.cat(batches)
 
 
-def sample(args, config, device):
+def sample(args, config, device, guide=None):
     """--sample: annealed Langevin dynamics from sampling.init noise with the run's checkpoint; writes into -o
-    samples.png (grid), samples.pt (raw final tensor) and movie.gif (the trajectory)."""
+    samples.png (grid), samples.pt (raw final tensor) and movie.gif (the trajectory).
+    guide(run config, score_fn, sigmas) -> (score_for_batch, grid row length or None), when given, steers the
+    samples (--digit: guidance.digit_guide); it is called before anything is written."""
     run, device = Run.from_args(args), torch.device(device)
     run_cfg, score_fn, sigmas, _ = load_trained(run, config, device, args.seed)
+    score_for_batch, nrow = guide(run_cfg, score_fn, sigmas) if guide is not None else (None, None)
     scfg = run_cfg.sampling
     names = output_paths(args.image_folder, ["samples.png", "samples.pt", "movie.gif"], args.overwrite)
     total = len(sigmas) * scfg.n_steps_each
@@ -618,23 +625,25 @@ def sample(args, config, device):
 
     t0 = time.time()
     lo, hi = run.shard(scfg.n_samples)  # under torchrun each rank draws its share, with its own seed
+    own_batch = None if score_for_batch is None else lambda a, b: score_for_batch(lo + a, lo + b)  # global indices
     samples = draw_samples(score_fn, sigmas, run_cfg, hi - lo, sampling_generator(run, device, args.seed), device,
-                           callback=record)
+                           callback=record, score_for_batch=own_batch)
     samples = run.gather(samples)
     log.info("sampled %d images in %.1f s", scfg.n_samples, time.time() - t0)
     if run.rank == 0:
-        write_samples(samples, frames, names, to_image)
+        write_samples(samples, frames, names, to_image, nrow)
         log.info("wrote %s", ", ".join(names.values()))
     return 0
 
 
-def write_samples(samples, frames, names, to_image):
-    """The grid PNG, the raw tensor and the GIF of the trajectory frames."""
+def write_samples(samples, frames, names, to_image, nrow=None):
+    """The grid PNG (rows of `nrow` images; default a square), the raw tensor and the GIF of the trajectory
+    frames."""
     from PIL import Image
     from torchvision.utils import make_grid, save_image
 
     images = to_image(samples).clamp(0, 1)
-    save_image(images, names["samples.png"], nrow=math.ceil(math.sqrt(len(images))), padding=2)
+    save_image(images, names["samples.png"], nrow=nrow or math.ceil(math.sqrt(len(images))), padding=2)
     atomic_torch_save(samples, names["samples.pt"])
     nrow = math.ceil(math.sqrt(len(frames[0])))
     pil = [Image.fromarray(make_grid(f, nrow=nrow, padding=2)[0].mul(255).round().byte().numpy(), mode="L")

@@ -65,6 +65,7 @@ class Sampling:
     denoise: bool = False  # after the last level, one step x <- x + sigma_L^2 s(x, sigma_L) (NCSNv2, appendix)
     ema: bool = True  # sample, score and compute the test loss with the EMA weights when the run keeps them
     init: str = "uniform"  # the chain's start: U[0, 1] (the paper) or gaussian: MNIST's mean pixel + sigma_1 z
+    guidance_scale: float = 0.0  # w of --sample --digit: s + w grad log p(y | x, sigma_i) (guidance.py); 0 = off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +124,7 @@ RULES = [  # (key, test, what it must be): checked once, after the types
     ("sampling.batch_size", lambda v: v >= 1, ">= 1"),
     ("sampling.n_frames", lambda v: v >= 1, ">= 1"),
     ("sampling.init", lambda v: v in ("uniform", "gaussian"), "uniform or gaussian"),
+    ("sampling.guidance_scale", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("model.ema_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("eval.n_samples", lambda v: v >= 2, ">= 2"),
     ("eval.n_samples_cpu", lambda v: v >= 2, ">= 2"),
