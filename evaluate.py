@@ -18,6 +18,9 @@ from runner import draw_samples, dsm_loss, load_trained, make_score_fn, sampling
 log = logging.getLogger("ncsn")
 LOSS_BATCH = 500  # test images per forward pass of the per-level loss
 EVAL_GRID = 100  # --eval writes the first this many samples as eval_samples_<step>.png
+NEAREST_TEST_IMAGES = 1000  # held-out test images whose nearest training images are the copy check's reference
+NEAREST_GRID = 50  # nearest.png shows this many samples (the closest to the training set) ...
+NEAREST_PAIRS_A_ROW = 5  # ... as (sample, nearest training image) pairs, this many a row
 
 
 def test_loss_per_level(score_fn, to_model, test_u8, sigmas, anneal_power, seed, batch_size=LOSS_BATCH):
@@ -85,12 +88,38 @@ def evaluate(args, config, device):
              100 * result["white_share"])
     log.info("test DSM loss per level: %s", ", ".join(f"{v:.3f}" for v in levels))
     if run.rank == 0:
+        record["nearest"] = nearest_check(run_cfg.data.root, to_image(samples), test_u8, classifier, run.log_dir)
         record_metrics(run, record, levels)
         from torchvision.utils import save_image
         grid = os.path.join(run.log_dir, f"eval_samples_{step}.png")  # what was scored, to look at
         save_image(to_image(samples[:EVAL_GRID]).clamp(0, 1), grid, nrow=10, padding=2)
         log.info("wrote %s (the first %d samples)", grid, min(EVAL_GRID, n))
     return 0
+
+
+def nearest_check(data_root, images, test_u8, classifier, log_dir):
+    """--eval's copy check: the distance of each sample (images (N, 1, 28, 28) in [0, 1]) and of the first
+    NEAREST_TEST_IMAGES test images to their nearest training image (metrics.nearest_training_images: pixels and
+    classifier features; a sample nearer than every test image is flagged), logged; writes nearest.png into
+    `log_dir`: the NEAREST_GRID samples nearest to the training set, closest first, each beside its nearest
+    training image. Returns the summary for metrics.json."""
+    train = metrics.to_unit(load_mnist(data_root, train=True))  # (M, 1, 28, 28)
+    test = metrics.to_unit(test_u8[:NEAREST_TEST_IMAGES].cpu())  # (T, 1, 28, 28)
+    summary, nearest, distance = metrics.nearest_training_images(images, train, test, classifier)
+    log.info("nearest training image (L2) of the samples: pixels median %.2f, min %.2f; features median %.2f, "
+             "min %.2f. Of %d test images: pixels median %.2f, min %.2f; features median %.2f, min %.2f. "
+             "%d samples nearer than every test image (copies?): %s", summary["pixel_samples"]["median"],
+             summary["pixel_samples"]["min"], summary["feature_samples"]["median"], summary["feature_samples"]["min"],
+             summary["n_test"], summary["pixel_test"]["median"], summary["pixel_test"]["min"],
+             summary["feature_test"]["median"], summary["feature_test"]["min"], summary["n_copies"],
+             summary["copy_indices"] or "none")
+    from torchvision.utils import save_image
+    order = distance.argsort()[:NEAREST_GRID]  # (k,) closest first
+    pairs = torch.stack([images[order].float().clamp(0, 1), train[nearest[order]]], 1).flatten(0, 1)  # (2k, 1, 28, 28)
+    path = os.path.join(log_dir, "nearest.png")
+    save_image(pairs, path, nrow=2 * NEAREST_PAIRS_A_ROW, padding=2)
+    log.info("wrote %s (the %d samples nearest to a training image, each beside it)", path, len(order))
+    return summary
 
 
 class TrainingMetrics:

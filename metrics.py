@@ -384,3 +384,63 @@ def sample_metrics(images, classifier, reference_images, batch_size=500):
         "nonfinite_images": bad,
         "white_share": float((x.flatten(1).mean(1) > WHITE_MEAN).float().mean()),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Nearest training images: is a sample a copy?
+
+NEAREST_CHUNK = 256  # query rows per block of the distance matrix (256 x 60,000 in float64: 123 MB)
+COPY_RULE = ("pixel distance to the nearest training image below the smallest such distance of any of the "
+             "held-out test images")
+
+
+def nearest_neighbours(queries, references, chunk=NEAREST_CHUNK):
+    """The nearest row of `references` (M, ...) to each row of `queries` (N, ...) in Euclidean distance, by
+    exhaustive search: (distances (N,) float64, indices (N,) int64).
+
+    Blocks of `chunk` queries against all references with torch.cdist in float64 (the first index wins a tie);
+    the returned distance is recomputed directly as ||q - r||, so it does not carry the rounding of the
+    matrix-product form cdist uses for long rows."""
+    q = queries.flatten(1).double()  # (N, D)
+    r = references.flatten(1).double().to(q.device)  # (M, D)
+    if q.shape[1] != r.shape[1] or len(r) == 0:
+        raise NCSNError(f"nearest_neighbours: queries {tuple(q.shape)} and references {tuple(r.shape)} do not fit")
+    indices = []
+    for b in range(0, len(q), chunk):
+        indices.append(torch.cdist(q[b:b + chunk], r).argmin(1))  # (c,) from the (c, M) distances
+    idx = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)  # (N,)
+    return (q - r[idx]).norm(dim=1), idx
+
+
+def _spread(d):
+    d = np.asarray(d, dtype=np.float64)
+    return {"min": float(d.min()), "median": float(np.median(d)), "mean": float(d.mean()), "max": float(d.max())}
+
+
+def nearest_training_images(samples, train_images, test_images, classifier, batch_size=500):
+    """How close samples come to the training set, against how close held-out test images come.
+
+    samples (N, 1, 28, 28), train_images (M, 1, 28, 28) and test_images (T, 1, 28, 28), all in [0, 1]. For
+    each sample and each test image: the L2 distance to its nearest training image over the 784 pixels and
+    over the classifier's 128 features (nearest_neighbours, exact). The test images say how near a new digit
+    of the same distribution comes to the training set; a sample is flagged as a copy by COPY_RULE, i.e. when
+    it is nearer (in pixels) than every test image is.
+
+    Returns (summary, nearest, distances): the dict for metrics.json (min, median, mean, max of each of the
+    four sets of distances, the threshold, n_copies and copy_indices), the index of each sample's nearest
+    training image in pixels (N,) and that pixel distance (N,)."""
+    x, _ = _as_images(samples, "sample images")
+    train, _ = _as_images(train_images, "training images")
+    test, _ = _as_images(test_images, "test images")
+    pixel_d, nearest = nearest_neighbours(x, train)  # (N,), (N,)
+    test_pixel_d, _ = nearest_neighbours(test, train)  # (T,)
+    feats = [torch.from_numpy(classify(classifier, images, batch_size)[0]) for images in (x, train, test)]
+    feature_d, _ = nearest_neighbours(feats[0], feats[1])  # (N,)
+    test_feature_d, _ = nearest_neighbours(feats[2], feats[1])  # (T,)
+    threshold = float(test_pixel_d.min())
+    copies = torch.nonzero(pixel_d < threshold).flatten().tolist()
+    summary = {"pixel_samples": _spread(pixel_d), "pixel_test": _spread(test_pixel_d),
+               "feature_samples": _spread(feature_d), "feature_test": _spread(test_feature_d),
+               "n_samples": len(x), "n_train": len(train), "n_test": len(test), "copy_rule": COPY_RULE,
+               "copy_threshold": threshold, "n_copies": len(copies), "copy_indices": copies}
+    return summary, nearest, pixel_d
