@@ -65,7 +65,7 @@ def evaluate(args, config, device):
     noise level; appended to metrics.json and written to TensorBoard at the checkpoint's step."""
     run, device = Run.from_args(args), torch.device(device)
     run_cfg, score_fn, sigmas, step = load_trained(run, config, device, args.seed)
-    n = run_cfg.eval.n_samples if device.type == "cuda" else run_cfg.eval.n_samples_cpu
+    n = run_cfg.eval.n_samples_cpu if device.type == "cpu" else run_cfg.eval.n_samples  # GPU or MPS: the full count
     test_u8 = load_mnist(run_cfg.data.root, train=False).to(device)
     classifier = metrics.get_classifier(run_cfg.data.root, device)
     reference = metrics.reference_stats(classifier, metrics.to_unit(test_u8))
@@ -76,7 +76,7 @@ def evaluate(args, config, device):
     seconds = time.time() - t0
     to_model, to_image = data_space(run_cfg)
     result = metrics.sample_metrics(to_image(samples), classifier, reference)
-    n_loss = run_cfg.eval.loss_images if device.type == "cuda" else run_cfg.eval.loss_images_cpu
+    n_loss = run_cfg.eval.loss_images_cpu if device.type == "cpu" else run_cfg.eval.loss_images
     levels = test_loss_per_level(score_fn, to_model, test_u8[:n_loss], sigmas, run_cfg.training.anneal_power,
                                  args.seed)
     record = {"step": step, "fid": result["fid"], "inception_score": result["inception_score"],
@@ -125,26 +125,39 @@ def nearest_check(data_root, images, test_u8, classifier, log_dir):
 class TrainingMetrics:
     """The training loop's on_snapshot hook for eval.every_snapshots = k: every k-th snapshot, FID and friends of
     eval.n_training samples of the sampling weights, with a generator of their own (the training stream is
-    untouched). Holds the classifier and the test set's feature statistics, made at the first call."""
+    untouched). Holds the classifier and the test set's feature statistics, made at the first call.
+
+    Under torchrun every rank takes part, so that none waits at a collective while another computes: rank 0
+    gets the classifier (training and caching it the first time) while the others wait at a barrier (within
+    main.COLLECTIVE_TIMEOUT_MIN), then they read its cache; each rank draws its share of the samples, rank 0
+    scores them and writes metrics.json."""
 
     def __init__(self, config):
         self.config = config
         self.classifier, self.reference = None, None
 
     def __call__(self, state, test_u8):
-        cfg, k = self.config, self.config.eval.every_snapshots
+        cfg, k, run = self.config, self.config.eval.every_snapshots, state.run
         if not k or (state.step // cfg.training.snapshot_freq) % k != 0:
             return
         if self.classifier is None:
-            self.classifier = metrics.get_classifier(cfg.data.root, state.device)
-            self.reference = metrics.reference_stats(self.classifier, metrics.to_unit(test_u8))
+            if run.rank == 0:
+                self.classifier = metrics.get_classifier(cfg.data.root, state.device)
+                self.reference = metrics.reference_stats(self.classifier, metrics.to_unit(test_u8))
+            run.barrier()  # the cache exists now
+            if run.rank != 0:
+                self.classifier = metrics.get_classifier(cfg.data.root, state.device)
         t0 = time.time()
-        generator = torch.Generator(state.device).manual_seed(derive_seed(state.seed, "training_metrics",
-                                                                          state.step))
+        seed = derive_seed(state.seed, "training_metrics", state.step)
+        generator = torch.Generator(state.device).manual_seed(
+            seed if run.rank == 0 else derive_seed(seed, "sampling_rank", run.rank))
         score_fn = make_score_fn(state.sampling_model(), cfg, state.device, state.sigmas)
-        samples = draw_samples(score_fn, state.sigmas, cfg, cfg.eval.n_training, generator, state.device)
+        lo, hi = run.shard(cfg.eval.n_training)
+        samples = run.gather(draw_samples(score_fn, state.sigmas, cfg, hi - lo, generator, state.device))
+        if run.rank != 0:
+            return
         result = metrics.sample_metrics(data_space(cfg)[1](samples), self.classifier, self.reference)
         log.info("step %d: FID %.2f, Inception-style score %.2f, white %.0f%% on %d samples (%.0f s)", state.step,
-                 result["fid"], result["inception_score"], 100 * result["white_share"], cfg.eval.n_training,
+                 result["fid"], result["inception_score"], 100 * result["white_share"], len(samples),
                  time.time() - t0)
-        record_metrics(state.run, {"step": state.step, "n_samples": cfg.eval.n_training, **result})
+        record_metrics(state.run, {"step": state.step, "n_samples": len(samples), **result})  # all ranks' samples

@@ -10,13 +10,24 @@ Exit status: 0 on success, 2 for a bad command line or config, 1 for any other e
 number when training was stopped by SIGINT or SIGTERM (after writing a checkpoint).
 """
 import argparse
+import datetime
 import logging
 import os
+import re
 import sys
 
 from schema import ConfigError, load_config
 
 log = logging.getLogger("ncsn")
+COLLECTIVE_TIMEOUT_MIN = 30  # how long a rank waits at a collective under torchrun (e.g. while rank 0 trains
+#                              the metrics classifier) before the run fails with a timeout
+
+
+def parse_device(name):
+    """--device's spelling (torch is not imported yet): auto, cpu, cuda, cuda:N or mps."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    return name
 
 
 def parse_args(argv=None):
@@ -28,6 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--comment", default="", help="free text recorded in the log")
     p.add_argument("--verbose", default="info", choices=["info", "debug", "warning", "critical"],
                    help="log level; 'debug' also prints tracebacks")
+    p.add_argument("--device", default="auto", type=parse_device, metavar="DEVICE",
+                   help="auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N or mps; default auto")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels only (bitwise repeatable on CUDA, slower; an op without one is an error)")
     p.add_argument("--resume_training", action="store_true", help="continue the run from its checkpoint.pth")
     p.add_argument("--sample", "--test", dest="sample", action="store_true",
                    help="draw samples from the run's checkpoint with annealed Langevin dynamics")
@@ -72,6 +87,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logging(args.verbose)
     import torch  # imported here so that `--help` and config errors answer at once
+    import devices
     import runner
     from common import Interrupted, NCSNError
 
@@ -80,17 +96,18 @@ def main(argv=None):
         config = None
         if not (args.sample or args.inpaint or args.eval or args.import_authors) or args.config is not None:
             config = load_config(args.config or "config.yml")
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = devices.resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")) if distributed else None)
         if distributed:
             if device.type == "cuda":
-                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
                 torch.cuda.set_device(device)
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                                 timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))
             if torch.distributed.get_rank() != 0:
                 log.setLevel(max(log.level, logging.WARNING))  # rank 0 speaks for the run
-        log.info("device %s, torch %s, seed %d%s%s", device, torch.__version__, args.seed,
+        log.info("device %s (--device %s), torch %s, seed %d%s%s", device, args.device, torch.__version__, args.seed,
                  f", {torch.distributed.get_world_size()} processes" if distributed else "",
                  f", comment: {args.comment}" if args.comment else "")
+        devices.set_deterministic(args.deterministic)
         if args.import_authors:
             import authors
             return authors.import_authors(args)

@@ -147,6 +147,31 @@ class CondRCU(nn.Module):
         return x
 
 
+def linear_interpolation_matrix(n_out, n_in, device, dtype):
+    """(n_out, n_in): row i holds the weights of 1-D linear interpolation with align_corners=True at output i,
+    i.e. at the input coordinate i (n_in - 1) / (n_out - 1)."""
+    pos = torch.arange(n_out, device=device, dtype=torch.float64) * ((n_in - 1) / max(n_out - 1, 1))
+    lo = pos.floor().clamp(max=max(n_in - 2, 0)).long()  # (n_out,) the left neighbour
+    frac = (pos - lo).to(dtype)
+    m = torch.zeros(n_out, n_in, device=device, dtype=dtype)
+    rows = torch.arange(n_out, device=device)
+    m[rows, lo] = 1 - frac
+    if n_in > 1:
+        m[rows, lo + 1] += frac
+    return m
+
+
+def resize_bilinear(h, size):
+    """F.interpolate(h, size, mode="bilinear", align_corners=True). Under torch.use_deterministic_algorithms
+    (--deterministic) the same map as two small matrix products, A_H h A_W^T, whose backward is deterministic:
+    CUDA has no deterministic backward for bilinear interpolation and would raise."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return F.interpolate(h, size=size, mode="bilinear", align_corners=True)
+    a_h = linear_interpolation_matrix(size[0], h.shape[-2], h.device, h.dtype)  # (H_out, H)
+    a_w = linear_interpolation_matrix(size[1], h.shape[-1], h.device, h.dtype)  # (W_out, W)
+    return torch.einsum("ih,bchw,jw->bcij", a_h, h, a_w)  # (B, C, H_out, W_out)
+
+
 class CondMSF(nn.Module):
     """Multi-resolution fusion: per input CIN++ -> 3x3 conv to F channels -> bilinear resize; summed."""
 
@@ -160,7 +185,7 @@ class CondMSF(nn.Module):
         for x, norm, conv in zip(xs, self.norms, self.convs):
             h = conv(norm(x, y))
             if tuple(h.shape[-2:]) != tuple(size):  # same size: align_corners=True resize is the identity
-                h = F.interpolate(h, size=size, mode="bilinear", align_corners=True)
+                h = resize_bilinear(h, size)
             out = out + h
         return out
 

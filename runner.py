@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import yaml
 
+import devices
 from common import (NCSNError, Interrupted, Run, atomic_torch_save, derive_seed, numbered_snapshots,
                     output_paths, snapshot_name)
 from data import MNIST_MEAN, batch_noise, data_space, dequantize, epoch_permutation, load_mnist, logit_transform
@@ -29,13 +30,14 @@ CHECKPOINT_FORMAT = 1
 # Keys that fix the network's shape: a checkpoint with other values cannot be loaded.
 ARCHITECTURE_KEYS = ("model.ngf", "model.num_classes", "data.channels", "data.image_size")
 # Keys a resumed run may change; any other difference to the checkpoint's config is an error.
-RESUMABLE_CHANGES = {"training.n_epochs", "training.n_iters", "training.snapshot_freq", "training.test_freq",
-                     "training.log_freq", "training.keep_snapshots", "data.root", "model.ema_warmup",
-                     "sampling.n_steps_each", "sampling.step_lr", "sampling.n_samples", "sampling.batch_size",
-                     "sampling.guidance_scale",
-                     "sampling.n_frames", "sampling.denoise", "sampling.ema", "sampling.init", "fast.bf16", "fast.fast_kernels",
-                     "fast.fused_adam", "fast.channels_last", "eval.n_samples", "eval.n_samples_cpu",
-                     "eval.every_snapshots", "eval.n_training", "eval.loss_images", "eval.loss_images_cpu"}
+RESUMABLE_CHANGES = {
+    "training.n_epochs", "training.n_iters", "training.snapshot_freq", "training.test_freq", "training.log_freq",
+    "training.keep_snapshots", "data.root", "model.ema_warmup",
+    "sampling.n_steps_each", "sampling.step_lr", "sampling.n_samples", "sampling.batch_size", "sampling.n_frames",
+    "sampling.denoise", "sampling.ema", "sampling.init", "sampling.guidance_scale",
+    "fast.bf16", "fast.fast_kernels", "fast.fused_adam", "fast.channels_last", "fast.tf32", "fast.cudnn_benchmark",
+    "eval.n_samples", "eval.n_samples_cpu", "eval.every_snapshots", "eval.n_training", "eval.loss_images",
+    "eval.loss_images_cpu"}
 EMA_WARMUP_STEPS = 10  # the warm-up decay (1 + t) / (EMA_WARMUP_STEPS + t): 0.1 at t = 0, 0.99 at t = 890
 
 
@@ -146,8 +148,9 @@ def memory_format(config):
 
 
 def autocast(config, device):
-    """bf16 autocast for the network when fast.bf16 is on (the weights stay fp32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.fast.bf16)
+    """bf16 autocast for the network when fast.bf16 is on and the device has it (the weights stay fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=config.fast.bf16 and devices.bf16_autocast_ok(device))
 
 
 def warn_slow_precision(config, device):
@@ -185,7 +188,8 @@ def load_model_state(model, state, path):
 def make_optimizer(config, model):
     return torch.optim.Adam(model.parameters(), lr=config.optim.lr, betas=(config.optim.beta1, 0.999),
                             weight_decay=config.optim.weight_decay, amsgrad=config.optim.amsgrad,
-                            fused=True if config.fast.fused_adam else None)
+                            fused=True if config.fast.fused_adam and devices.fused_adam_ok(
+                                next(model.parameters()).device) else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,7 +353,7 @@ class NullWriter:
         pass
 
 
-def make_run_folders(run, config, args):
+def make_run_folders(run, config, args, device):
     """Rank 0 makes the run folder, writes config.yml and logs to stdout.txt; returns the TensorBoard
     writer (one that writes nothing on other ranks)."""
     if run.rank != 0:
@@ -372,6 +376,8 @@ def make_run_folders(run, config, args):
     handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s - %(message)s"))
     log.addHandler(handler)
     log.info("run %s: %s", args.doc, " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    log.info("device %s%s, torch %s", device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+             else "", torch.__version__)
     from tensorboardX import SummaryWriter
     return SummaryWriter(run.tb_dir, filename_suffix=f".{time.time_ns()}")  # unique name per writer
 
@@ -397,6 +403,7 @@ class TrainState:
     def create(cls, config, run, device, seed, ckpt=None):
         """A fresh run (ckpt None) or the run in `ckpt`, on one code path: build, then restore."""
         warn_slow_precision(config, device)
+        devices.set_precision(config, device)
         torch.manual_seed(seed)
         model = make_model(config, device)
         ema = make_ema(model) if config.model.ema else None
@@ -441,7 +448,7 @@ class TrainState:
 
 def train(args, config, device, on_snapshot=None):
     """Train (or with --resume_training continue) the run args.doc; `on_snapshot(state, test_u8)` is called on
-    rank 0 after each numbered snapshot (e.g. evaluate.TrainingMetrics). Returns the exit status 0."""
+    every rank after each numbered snapshot (e.g. evaluate.TrainingMetrics). Returns the exit status 0."""
     run, tcfg, device = Run.from_args(args), config.training, torch.device(device)
     if not args.resume_training and (os.path.exists(run.log_dir) or os.path.exists(run.tb_dir)):
         raise NCSNError(f"run folder {run.log_dir} already exists: pick another --doc, or pass "
@@ -461,7 +468,7 @@ def train(args, config, device, on_snapshot=None):
         raise NCSNError(f"the checkpoint is at step {state.step} and the config ends at step {n_total}: "
                         f"raise training.n_iters (or n_epochs) to train further")
     run.barrier()  # every rank has checked the run folder before rank 0 writes into it
-    writer = make_run_folders(run, config, args)
+    writer = make_run_folders(run, config, args, device)
     log.info("%s at step %d of %d (%d steps an epoch of %d images, batch %d%s); %d parameters",
              "resuming" if state.step else "training", state.step + 1, n_total, steps_per_epoch, n, bs,
              f" over {run.world} ranks" if run.world > 1 else "", sum(p.numel() for p in state.model.parameters()))
@@ -493,8 +500,8 @@ def train(args, config, device, on_snapshot=None):
                 if snapshot or stop:
                     writer.flush()
                     save_checkpoint(run, state.checkpoint(), numbered=snapshot, keep_snapshots=tcfg.keep_snapshots)
-                if snapshot and on_snapshot is not None and run.rank == 0:
-                    on_snapshot(state, test_u8)
+                if snapshot and on_snapshot is not None:
+                    on_snapshot(state, test_u8)  # on every rank: it may use collectives
                 if stop:
                     raise Interrupted(stop, f"{signal.Signals(stop).name} at step {step}: checkpoint written, "
                                             f"continue with --resume_training --doc {args.doc}")
@@ -554,6 +561,7 @@ def load_trained(run, config, device, seed):
         log.info("sampling and speed settings from --config; the model's from the checkpoint")
         run_cfg = dataclasses.replace(run_cfg, sampling=config.sampling, fast=config.fast, eval=config.eval)
     warn_slow_precision(run_cfg, device)
+    devices.set_precision(run_cfg, device)
     model = make_model(run_cfg, device)
     use_ema = run_cfg.model.ema and run_cfg.sampling.ema
     load_model_state(model, ckpt["ema"] if use_ema else ckpt["model"], run.ckpt_path)

@@ -86,6 +86,8 @@ class Fast:
     fast_kernels: bool = True  # same functions, faster kernels: ELU, CIN++ statistics, 5x5 mean pool (model.py)
     fused_adam: bool = True  # one fused kernel for the Adam update
     channels_last: bool = False  # NHWC layout (slower on the CPUs measured here, try it on a GPU)
+    tf32: bool = False  # CUDA only: TF32 matmuls and convolutions (10-bit mantissa); off = true fp32
+    cudnn_benchmark: bool = False  # CUDA only: let cuDNN time its kernels and keep the fastest (off with --deterministic)
 
 
 @dataclasses.dataclass(frozen=True)

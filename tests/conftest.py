@@ -11,6 +11,11 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+# Every test runs on the CPU, also on a host with a GPU: the figures they compare (bitwise resume, the CPU's
+# sample counts, gloo under torchrun) are the CPU's. Each call of main.py passes CPU; the tests that need CUDA
+# are in tests/test_cuda.py, marked `cuda` and skipped where torch sees no GPU.
+CPU = ("--device", "cpu")
+
 
 def write_idx(path, array):
     """Write a uint8 array in LeCun's IDX format (magic 0x0000080N, big-endian dims)."""
@@ -60,8 +65,8 @@ def write_config(path, cfg):
 
 
 def run_main(*args, cwd, timeout=300, env=None):
-    """python main.py ARGS in `cwd`, as a user would run it; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *map(str, args)], cwd=cwd,
+    """python main.py --device cpu ARGS in `cwd`, as a user would run it; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *CPU, *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 

@@ -7,7 +7,7 @@ import torch
 
 import authors
 from common import NCSNError
-from conftest import REPO
+from conftest import CPU, REPO
 from model import CondRefineNetDilated
 
 FIXTURE = os.path.join(REPO, "..", "shared", "fixtures", "authors_ncsn")
@@ -64,7 +64,7 @@ def test_the_name_mapping_is_total_and_checked():
 def import_run(tmp_path, source, doc="a"):
     import main
 
-    return main.main(["--import_authors", str(source), "--run", str(tmp_path / "run"), "--doc", doc])
+    return main.main([*CPU, "--import_authors", str(source), "--run", str(tmp_path / "run"), "--doc", doc])
 
 
 def their_run_copy(tmp_path, state=None, optim=None, config_text=None):
@@ -99,7 +99,7 @@ def test_import_then_sample_and_the_weights_and_adam_state_are_theirs(tmp_path, 
     our_index = [n for n, _ in net.named_parameters()].index("refine4.out.convs.5.weight")
     assert torch.equal(ours["optimizer"]["state"][our_index]["exp_avg"], theirs[1]["state"][their_index]["exp_avg"])
     small = write_config(tmp_path / "s.yml", tiny_config(fake_mnist, **{"sampling.n_steps_each": 2}))
-    assert main.main(["--run", str(tmp_path / "run"), "--doc", "a", "--sample", "--config", small, "-o",
+    assert main.main([*CPU, "--run", str(tmp_path / "run"), "--doc", "a", "--sample", "--config", small, "-o",
                       str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "samples.png").exists()
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import main
-from conftest import snapshot_tree, tiny_config, write_config, write_fake_mnist
+from conftest import CPU, snapshot_tree, tiny_config, write_config, write_fake_mnist
 
 
 def run(tmp_path, capsys, *args):
     capsys.readouterr()
-    code = main.main(["--run", str(tmp_path / "run"), *map(str, args)])
+    code = main.main([*CPU, "--run", str(tmp_path / "run"), *map(str, args)])
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("ERROR")]
     return code, errors, err
@@ -81,7 +81,7 @@ def test_unwritable_output_folders(tmp_path, capsys, fake_mnist, trained):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     cfg = tiny_config(fake_mnist)
-    code = main.main(["--config", write_config(tmp_path / "u.yml", cfg), "--run", str(blocker / "run"), "--doc", "u"])
+    code = main.main([*CPU, "--config", write_config(tmp_path / "u.yml", cfg), "--run", str(blocker / "run"), "--doc", "u"])
     err = capsys.readouterr().err
     assert code == 1 and "cannot write the run folder" in err and "Traceback" not in err
     before = snapshot_tree(tmp_path / "run")

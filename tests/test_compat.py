@@ -36,7 +36,8 @@ def test_a_checkpoint_of_the_old_runner_resumes_and_samples(tmp_path, fake_mnist
     cfg["model"].update(ngf=4, num_classes=4, ema=True, ema_rate=0.9)
     cfg["sampling"].update(n_steps_each=2, n_samples=4, batch_size=4, n_frames=4)
     p = subprocess.run([sys.executable, str(old / "main.py"), "--config", write_config(tmp_path / "old.yml", cfg),
-                        "--doc", "r"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                        "--doc", "r"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # that code has no --device: hide GPUs
     assert p.returncode == 0, p.stderr
     before = torch.load(tmp_path / "run" / "logs" / "r" / "checkpoint.pth", weights_only=True)
     assert before["step"] == 4 and "ema_warmup" not in before["config"]["model"]

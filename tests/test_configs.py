@@ -6,7 +6,7 @@ import torch
 import yaml
 
 import main
-from conftest import REPO, write_config
+from conftest import CPU, REPO, write_config
 from schema import load_config
 
 
@@ -22,11 +22,11 @@ def test_quick_recipe_trains_and_samples_at_a_tiny_size(tmp_path, fake_mnist):
     cfg["data"]["root"] = fake_mnist
     cfg["sampling"].update(n_samples=4, batch_size=4, n_frames=3, n_steps_each=2)
     run = str(tmp_path / "run")
-    assert main.main(["--config", write_config(tmp_path / "q.yml", cfg), "--run", run, "--doc", "quick"]) == 0
+    assert main.main([*CPU, "--config", write_config(tmp_path / "q.yml", cfg), "--run", run, "--doc", "quick"]) == 0
     ckpt = torch.load(os.path.join(run, "logs", "quick", "checkpoint.pth"), weights_only=True)
     assert ckpt["step"] == 4 and ckpt["ema"] is not None and ckpt["config"]["sampling"]["init"] == "gaussian"
     out = tmp_path / "samples"
-    assert main.main(["--run", run, "--doc", "quick", "--sample", "-o", str(out)]) == 0
+    assert main.main([*CPU, "--run", run, "--doc", "quick", "--sample", "-o", str(out)]) == 0
     samples = torch.load(out / "samples.pt", weights_only=True)
     assert samples.shape == (4, 1, 28, 28) and torch.isfinite(samples).all()
 

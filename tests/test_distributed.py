@@ -8,16 +8,21 @@ import pytest
 import torch
 
 from common import read_scalars
-from conftest import REPO, tiny_config, write_config
+from conftest import CPU, REPO, tiny_config, write_config
 
 PLAIN = {"fast.bf16": False, "fast.fused_adam": False}  # fp32: the comparison is up to summation order only
 
 
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")  # the venv's own torchrun
+
+
 def torchrun(nproc, *args, cwd):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(REPO, "main.py"), *map(str, args)]
+    """The README's form: `torchrun --standalone --nproc_per_node=N -- main.py --run RUN ...` (without the `--`,
+    torchrun reads main.py's --run as an ambiguous abbreviation of its own --run-path); nproc 1 is plain python."""
+    flags = [*CPU, "--run", str(cwd / "run"), *map(str, args)]
+    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "--", os.path.join(REPO, "main.py"), *flags]
     if nproc == 1:
-        cmd = [sys.executable, os.path.join(REPO, "main.py"), *map(str, args)]
+        cmd = [sys.executable, os.path.join(REPO, "main.py"), *flags]
     p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout + p.stderr
@@ -92,3 +97,19 @@ def test_sampling_split_over_two_processes(runs):
     samples = torch.load(tmp / "s2" / "samples.pt", weights_only=True)
     assert samples.shape == (4, 1, 28, 28)  # sampling.n_samples of tiny_config, two from each rank
     assert not torch.equal(samples[:2], samples[2:])  # the ranks draw with different seeds
+
+
+def test_metrics_during_training_on_two_processes(runs):
+    """eval.every_snapshots under torchrun: rank 0 trains the classifier while rank 1 waits at a barrier, both
+    draw their share of the samples, rank 0 writes metrics.json; the run ends (no rank left at a collective)."""
+    import json
+
+    tmp, c4, c8 = runs
+    cfg = tiny_config(str(tmp / "data"), **{"training.batch_size": 10, "training.n_iters": 4,
+                                           "training.snapshot_freq": 2, "eval.every_snapshots": 1,
+                                           "eval.n_training": 6}, **PLAIN)
+    p = torchrun(2, "--config", write_config(tmp / "m.yml", cfg), "--doc", "metrics", cwd=tmp)
+    assert "over 2 ranks" in p.stderr
+    records = json.load(open(tmp / "run" / "logs" / "metrics" / "metrics.json"))
+    assert [(r["step"], r["n_samples"]) for r in records] == [(2, 6), (4, 6)]
+    assert all(abs(sum(r["class_shares"]) - 1) < 1e-9 for r in records)

@@ -12,13 +12,13 @@ import torch
 import main
 import runner
 from common import snapshot_step
-from conftest import REPO, tiny_config, write_config
+from conftest import CPU, REPO, tiny_config, write_config
 
 DRIVER = os.path.join(REPO, "tests", "kill_driver.py")
 
 
 def start(cfg_path, run_dir, doc, *extra):
-    return subprocess.Popen([sys.executable, DRIVER, "--config", cfg_path, "--run", run_dir, "--doc", doc, *extra],
+    return subprocess.Popen([sys.executable, DRIVER, *CPU, "--config", cfg_path, "--run", run_dir, "--doc", doc, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "NCSN_SLOW_SAVE": "0.2"})
 
@@ -172,7 +172,7 @@ def test_nan_loss_stops_with_step_and_level_and_keeps_the_last_good_checkpoint(t
                                                                       "training.log_freq": 3}))
     log_dir = tmp_path / "run" / "logs" / "n"
     capsys.readouterr()
-    assert main.main(["--config", cfg, "--run", str(tmp_path / "run"), "--doc", "n"]) == 1
+    assert main.main([*CPU, "--config", cfg, "--run", str(tmp_path / "run"), "--doc", "n"]) == 1
     err = capsys.readouterr().err
     c = torch.load(log_dir / "checkpoint.pth", weights_only=True)
     assert "non-finite loss at step 5 at noise level(s) " in err and "the last good checkpoint is kept" in err

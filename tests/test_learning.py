@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import main
 import runner
 from common import Run, read_scalars
-from conftest import tiny_config, write_config, write_idx
+from conftest import CPU, tiny_config, write_config, write_idx
 
 N_ITERS = 150
 
@@ -48,7 +48,7 @@ def test_tiny_network_learns_the_score_of_two_patterns(tmp_path):
                                             "training.log_freq": 50, "optim.lr": 3e-3,
                                             "model.scale_by_sigma": True})
     run = ["--run", str(tmp_path / "run"), "--doc", "learn"]
-    assert main.main(["--config", write_config(tmp_path / "c.yml", cfg), *run]) == 0
+    assert main.main([*CPU, "--config", write_config(tmp_path / "c.yml", cfg), *run]) == 0
 
     loss = read_scalars(tmp_path / "run" / "tensorboard" / "learn")["loss"]
     assert sorted(loss) == list(range(1, N_ITERS + 1))

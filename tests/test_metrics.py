@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import metrics
-from conftest import write_fake_mnist
+from conftest import CPU, write_fake_mnist
 from common import NCSNError
 
 
@@ -316,11 +316,11 @@ def test_eval_on_a_tiny_run_writes_metrics_and_per_level_loss(tmp_path, monkeypa
     cfg = tiny_config(data, **{"training.n_iters": 4, "training.snapshot_freq": 2, "eval.n_samples_cpu": 6,
                                "eval.every_snapshots": 1, "eval.n_training": 4})
     run = ["--run", str(tmp_path / "run"), "--doc", "e"]
-    assert main.main(["--config", write_config(tmp_path / "c.yml", cfg), *run]) == 0
+    assert main.main([*CPU, "--config", write_config(tmp_path / "c.yml", cfg), *run]) == 0
     records = json.load(open(tmp_path / "run" / "logs" / "e" / "metrics.json"))
     assert [r["step"] for r in records] == [2, 4]  # during training, every snapshot
-    assert main.main([*run, "--eval"]) == 0
-    assert main.main([*run, "--eval"]) == 0
+    assert main.main([*CPU, *run, "--eval"]) == 0
+    assert main.main([*CPU, *run, "--eval"]) == 0
     records = json.load(open(tmp_path / "run" / "logs" / "e" / "metrics.json"))
     a, b = records[-2:]
     assert a["step"] == 4 and a["n_samples"] == 6 and len(a["test_loss_per_level"]) == 4

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 
 import main
-from conftest import REPO, tiny_config, write_config, write_fake_mnist
+from conftest import CPU, REPO, tiny_config, write_config, write_fake_mnist
 
 NOTEBOOK = os.path.join(REPO, "report.ipynb")
 
@@ -46,8 +46,8 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nbrun")
     cfg = tiny_config(write_fake_mnist(str(tmp / "data")), **{"training.n_iters": 6, "training.test_freq": 2})
     run, images = tmp / "run", tmp / "images"
-    assert main.main(["--config", write_config(tmp / "c.yml", cfg), "--run", str(run), "--doc", "t"]) == 0
-    assert main.main(["--run", str(run), "--doc", "t", "--sample", "-o", str(images)]) == 0
+    assert main.main([*CPU, "--config", write_config(tmp / "c.yml", cfg), "--run", str(run), "--doc", "t"]) == 0
+    assert main.main([*CPU, "--run", str(run), "--doc", "t", "--sample", "-o", str(images)]) == 0
     return run, images
 
 

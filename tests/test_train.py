@@ -8,14 +8,14 @@ import yaml
 from PIL import Image
 
 import main
-from conftest import (event_files, run_main, scalars_of_new_event_files, snapshot_tree, tiny_config, write_config,
-                      write_fake_mnist)
+from conftest import (CPU, event_files, run_main, scalars_of_new_event_files, snapshot_tree, tiny_config,
+                      write_config, write_fake_mnist)
 from common import read_scalars
 from schema import config_from_dict, config_to_dict
 
 
 def train(tmp_path, cfg, doc, *extra):
-    return main.main(["--config", write_config(tmp_path / f"{doc}.yml", cfg), "--run", str(tmp_path / "run"),
+    return main.main([*CPU, "--config", write_config(tmp_path / f"{doc}.yml", cfg), "--run", str(tmp_path / "run"),
                       "--doc", doc, *extra])
 
 
@@ -109,7 +109,7 @@ def test_sample_writes_grid_gif_and_tensor(tmp_path, fake_mnist):
                                      "sampling.n_frames": 5})
     assert train(tmp_path, cfg, "s") == 0
     out = tmp_path / "samples"
-    args = ["--run", str(tmp_path / "run"), "--doc", "s", "--sample", "-o", str(out)]
+    args = [*CPU, "--run", str(tmp_path / "run"), "--doc", "s", "--sample", "-o", str(out)]
     assert main.main(args) == 0
     samples = torch.load(out / "samples.pt", weights_only=True)
     assert samples.shape == (6, 1, 28, 28) and torch.isfinite(samples).all()
@@ -118,7 +118,7 @@ def test_sample_writes_grid_gif_and_tensor(tmp_path, fake_mnist):
     gif = Image.open(out / "movie.gif")
     assert gif.n_frames == 5  # 5 of the 4 levels x 2 steps, evenly spaced, the last one included
     # the same seed gives the same samples; --test is the authors' name for --sample
-    assert main.main(["--run", str(tmp_path / "run"), "--doc", "s", "--test", "-o", str(tmp_path / "again")]) == 0
+    assert main.main([*CPU, "--run", str(tmp_path / "run"), "--doc", "s", "--test", "-o", str(tmp_path / "again")]) == 0
     assert torch.equal(torch.load(tmp_path / "again" / "samples.pt", weights_only=True), samples)
     # existing outputs are not replaced without --overwrite
     before = snapshot_tree(out)
@@ -129,7 +129,7 @@ def test_sample_writes_grid_gif_and_tensor(tmp_path, fake_mnist):
 
 
 def test_sample_or_resume_without_a_checkpoint(tmp_path, fake_mnist, capsys):
-    assert main.main(["--run", str(tmp_path / "run"), "--doc", "none", "--sample", "-o", str(tmp_path / "o")]) == 1
+    assert main.main([*CPU, "--run", str(tmp_path / "run"), "--doc", "none", "--sample", "-o", str(tmp_path / "o")]) == 1
     cfg = tiny_config(fake_mnist)
     assert train(tmp_path, cfg, "none", "--resume_training") == 1
     assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()
@@ -180,7 +180,7 @@ def test_logit_transform_run_trains_and_samples(tmp_path, fake_mnist, monkeypatc
     values = set(torch.cat([data.load_mnist(fake_mnist, train=t).flatten() for t in (True, False)]).tolist())
     assert set(pixels.floor().long().unique().tolist()) <= values
     out = tmp_path / "logit_samples"
-    assert main.main(["--run", str(tmp_path / "run"), "--doc", "logit", "--sample", "-o", str(out)]) == 0
+    assert main.main([*CPU, "--run", str(tmp_path / "run"), "--doc", "logit", "--sample", "-o", str(out)]) == 0
     raw = torch.load(out / "samples.pt", weights_only=True)
     assert raw.shape == (4, 1, 28, 28) and torch.isfinite(raw).all()
     # the PNG shows sigmoid(raw): the grid (2 x 2 images of 28 px, 2 px padding) holds its pixels, rounded

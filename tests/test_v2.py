@@ -13,7 +13,7 @@ import inpaint
 import noise
 import runner
 from common import read_scalars
-from conftest import event_files, scalars_of_new_event_files, tiny_config, write_config
+from conftest import CPU, event_files, scalars_of_new_event_files, tiny_config, write_config
 from test_method import gaussian_score
 
 
@@ -98,12 +98,12 @@ def test_ema_run_checkpoints_resumes_and_samples_with_ema(tmp_path, fake_mnist):
                                      "training.snapshot_freq": 3})
     path = write_config(tmp_path / "c.yml", cfg)
     run = ["--run", str(tmp_path / "run")]
-    assert main.main(["--config", path, *run, "--doc", "full"]) == 0
+    assert main.main([*CPU, "--config", path, *run, "--doc", "full"]) == 0
     half = write_config(tmp_path / "h.yml", {**cfg, "training": {**cfg["training"], "n_iters": 3}})
-    assert main.main(["--config", half, *run, "--doc", "half"]) == 0
+    assert main.main([*CPU, "--config", half, *run, "--doc", "half"]) == 0
     before = event_files(tmp_path / "run/tensorboard/half")
     # resumed with another --seed: the run keeps its checkpoint's seed and must still end equal to "full"
-    assert main.main(["--config", path, *run, "--doc", "half", "--resume_training", "--seed", "7"]) == 0
+    assert main.main([*CPU, "--config", path, *run, "--doc", "half", "--resume_training", "--seed", "7"]) == 0
     a = torch.load(tmp_path / "run/logs/full/checkpoint.pth", weights_only=True)
     b = torch.load(tmp_path / "run/logs/half/checkpoint.pth", weights_only=True)
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
@@ -117,9 +117,9 @@ def test_ema_run_checkpoints_resumes_and_samples_with_ema(tmp_path, fake_mnist):
     assert resumed["loss"] == {k: full_loss[k] for k in (4, 5, 6)}
     assert not torch.equal(a["ema"]["end_conv.weight"], a["model"]["end_conv.weight"])
     # sampling uses the EMA weights unless sampling.ema is off
-    assert main.main([*run, "--doc", "full", "--sample", "-o", str(tmp_path / "ema")]) == 0
+    assert main.main([*CPU, *run, "--doc", "full", "--sample", "-o", str(tmp_path / "ema")]) == 0
     raw = write_config(tmp_path / "raw.yml", {**cfg, "sampling": {**cfg["sampling"], "ema": False}})
-    assert main.main(["--config", raw, *run, "--doc", "full", "--sample", "-o", str(tmp_path / "raw")]) == 0
+    assert main.main([*CPU, "--config", raw, *run, "--doc", "full", "--sample", "-o", str(tmp_path / "raw")]) == 0
     s_ema = torch.load(tmp_path / "ema" / "samples.pt", weights_only=True)
     s_raw = torch.load(tmp_path / "raw" / "samples.pt", weights_only=True)
     assert not torch.equal(s_ema, s_raw)
@@ -128,12 +128,12 @@ def test_ema_run_checkpoints_resumes_and_samples_with_ema(tmp_path, fake_mnist):
 def test_inpaint_and_noise_design_commands(tmp_path, fake_mnist, capsys):
     cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 2}))
     run = ["--run", str(tmp_path / "run")]
-    assert main.main(["--config", cfg, *run, "--doc", "i"]) == 0
-    assert main.main([*run, "--doc", "i", "--inpaint", "square", "-o", str(tmp_path / "o")]) == 0
+    assert main.main([*CPU, "--config", cfg, *run, "--doc", "i"]) == 0
+    assert main.main([*CPU, *run, "--doc", "i", "--inpaint", "square", "-o", str(tmp_path / "o")]) == 0
     from PIL import Image
     assert Image.open(tmp_path / "o" / "inpaint_square.png").size == (4 * 30 + 2, 3 * 30 + 2)  # 4 digits, 3 rows
     capsys.readouterr()
-    assert main.main(["--config", cfg, *run, "--noise_design"]) == 0
+    assert main.main([*CPU, "--config", cfg, *run, "--noise_design"]) == 0
     out = capsys.readouterr().out
     train = data.load_mnist(fake_mnist, train=True).float() / 255
     d = pdist(train.flatten(1).double().numpy()).max()

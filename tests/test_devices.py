@@ -1,0 +1,217 @@
+"""--device, --deterministic and the precision switches, on the CPU: what runs where is decided by the flag and
+nothing else, a missing device is a one-line error, and a fast-path switch a device lacks falls back with
+one logged line. The CUDA side of these is in tests/test_cuda.py (skipped without a GPU)."""
+import functools
+import logging
+import os
+
+import pytest
+import torch
+import torch._dynamo  # noqa: F401  built now, with torch's real functions: it tabulates them on first import
+import torch.nn.functional as F
+
+import devices
+import main
+import model
+from conftest import CPU, tiny_config, write_config
+
+
+@pytest.fixture
+def ncsn_log():
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("ncsn")
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
+def reports(monkeypatch, module, name, value):
+    """module.name() returns `value`; functools.wraps keeps what torch._dynamo reads off the original."""
+    monkeypatch.setattr(module, name, functools.wraps(getattr(module, name))(lambda *args: value))
+
+
+def pretend_gpus_everywhere(monkeypatch):
+    """CUDA and MPS reported as available, and the way into CUDA booby-trapped (every CUDA tensor goes through
+    torch.cuda._lazy_init first): a run that touched CUDA would fail instead of quietly using the CPU; an MPS
+    tensor fails by itself on this Linux machine."""
+    def trap(*args, **kwargs):
+        raise AssertionError("touched CUDA or MPS")
+
+    reports(monkeypatch, torch.cuda, "is_available", True)
+    reports(monkeypatch, torch.cuda, "device_count", 1)
+    reports(monkeypatch, torch.backends.mps, "is_available", True)
+    for name in ("_lazy_init", "set_device", "synchronize", "get_device_name"):
+        monkeypatch.setattr(torch.cuda, name, trap)
+    # torch's own Adam.step asks CUDA whether a graph is being captured whenever CUDA is reported present (it
+    # allocates nothing); that is torch's business, not the run's, so it is left out of the trap
+    monkeypatch.setattr(torch.optim.Optimizer, "_accelerator_graph_capture_health_check", lambda self: None)
+
+
+def test_resolve_device_follows_the_flag(monkeypatch):
+    pretend_gpus_everywhere(monkeypatch)
+    assert devices.resolve_device("cpu") == torch.device("cpu")
+    assert devices.resolve_device("auto") == torch.device("cuda", 0)  # CUDA first ...
+    assert devices.resolve_device("auto", local_rank=0) == torch.device("cuda", 0)
+    assert devices.resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert devices.resolve_device("mps") == torch.device("mps")
+    reports(monkeypatch, torch.cuda, "is_available", False)
+    assert devices.resolve_device("auto") == torch.device("mps")  # ... then MPS ...
+    reports(monkeypatch, torch.backends.mps, "is_available", False)
+    assert devices.resolve_device("auto") == torch.device("cpu")  # ... then the CPU
+
+
+def test_missing_devices_are_one_line_errors(monkeypatch, tmp_path, fake_mnist, capsys):
+    reports(monkeypatch, torch.cuda, "is_available", False)
+    reports(monkeypatch, torch.backends.mps, "is_available", False)
+    cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist))
+    for flag, says in (("cuda", "CUDA is not available"), ("cuda:1", "CUDA is not available"),
+                       ("mps", "MPS backend is not available")):
+        assert main.main(["--device", flag, "--config", cfg, "--run", str(tmp_path / "run"), "--doc", "x"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "run").exists()  # nothing written
+    reports(monkeypatch, torch.cuda, "is_available", True)
+    reports(monkeypatch, torch.cuda, "device_count", 1)
+    with pytest.raises(devices.NCSNError, match="has 1 CUDA device"):
+        devices.resolve_device("cuda:1")
+    with pytest.raises(SystemExit):  # a misspelt device is argparse's usage error (exit 2)
+        main.parse_args(["--device", "gpu"])
+
+
+@pytest.mark.parametrize("gpus", [True, False], ids=["gpus reported", "no gpus"])
+def test_device_cpu_runs_on_the_cpu_only(monkeypatch, tmp_path, fake_mnist, gpus):
+    """Training, sampling and --eval with --device cpu, with CUDA and MPS reported as present (every way into
+    them trapped) and absent: the run says cpu in its own log and its checkpoint holds CPU tensors."""
+    if gpus:
+        pretend_gpus_everywhere(monkeypatch)
+    else:
+        reports(monkeypatch, torch.cuda, "is_available", False)
+        reports(monkeypatch, torch.backends.mps, "is_available", False)
+    import metrics
+    monkeypatch.setitem(metrics.TRAIN_SETTINGS, "epochs", 1)
+    cfg = tiny_config(fake_mnist, **{"training.n_iters": 2, "training.snapshot_freq": 2, "eval.n_samples_cpu": 4,
+                                     "eval.loss_images_cpu": 8})
+    run = ["--run", str(tmp_path / "run"), "--doc", "d"]
+    assert main.main(["--device", "cpu", "--config", write_config(tmp_path / "c.yml", cfg), *run]) == 0
+    assert "device cpu, torch" in (tmp_path / "run" / "logs" / "d" / "stdout.txt").read_text()
+    ckpt = torch.load(tmp_path / "run" / "logs" / "d" / "checkpoint.pth", weights_only=True)
+    assert all(t.device.type == "cpu" for t in ckpt["model"].values())
+    assert main.main(["--device", "cpu", *run, "--sample", "-o", str(tmp_path / "s")]) == 0
+    assert main.main(["--device", "cpu", *run, "--eval"]) == 0
+
+
+def test_precision_switches_are_set_and_logged(tmp_path, fake_mnist, ncsn_log):
+    """fast.tf32 off means true fp32 for CUDA's matmuls and convolutions (torch's own default for convolutions
+    is TF32); cudnn.benchmark follows fast.cudnn_benchmark unless the run is deterministic."""
+    from schema import config_from_dict
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        for tf32, bench in ((True, True), (False, False), (True, False)):
+            cfg = config_from_dict(tiny_config(fake_mnist, **{"fast.tf32": tf32, "fast.cudnn_benchmark": bench}))
+            torch.backends.cudnn.allow_tf32 = not tf32
+            torch.backends.cuda.matmul.allow_tf32 = not tf32
+            devices.set_precision(cfg, torch.device("cpu"))
+            assert torch.backends.cudnn.allow_tf32 is tf32 and torch.backends.cuda.matmul.allow_tf32 is tf32
+            assert torch.backends.cudnn.benchmark is bench
+        assert any(m.startswith("precision on cpu: fp32, bf16 autocast off, deterministic off") for m in ncsn_log)
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = saved
+
+
+def test_a_missing_fast_path_switch_falls_back_with_one_line(monkeypatch, tmp_path, fake_mnist, capsys):
+    """bf16 autocast and fused Adam reported missing (as on some MPS versions): the run trains in fp32 with
+    torch's default Adam, and says so once each."""
+    import runner
+
+    devices.bf16_autocast_ok.cache_clear()
+    devices.fused_adam_ok.cache_clear()
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
+    real_adam = torch.optim.Adam
+    made = []
+
+    def adam(params, *args, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be on a supported device")
+        made.append(fused)
+        return real_adam(params, *args, fused=fused, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", adam)
+    try:
+        cfg = tiny_config(fake_mnist, **{"training.n_iters": 2, "fast.bf16": True, "fast.fused_adam": True})
+        assert main.main([*CPU, "--config", write_config(tmp_path / "c.yml", cfg), "--run", str(tmp_path / "run"),
+                          "--doc", "f"]) == 0
+        err = capsys.readouterr().err  # main.py's log
+        assert err.count("bf16 autocast is not available on cpu; running in fp32") == 1
+        assert err.count("fused Adam is not available on cpu; using torch's default Adam") == 1
+        assert "precision on cpu: fp32, bf16 autocast off" in err
+        assert made == [None]  # the run's optimiser is torch's default Adam
+        with runner.autocast(runner.config_from_dict(cfg), torch.device("cpu")):
+            assert not torch.is_autocast_enabled("cpu")
+    finally:
+        devices.bf16_autocast_ok.cache_clear()
+        devices.fused_adam_ok.cache_clear()
+
+
+def test_deterministic_resize_is_bilinear_interpolation():
+    """Under --deterministic the network resizes with A_H h A_W^T (CUDA has no deterministic backward for
+    bilinear interpolation): the same values and gradients as F.interpolate(align_corners=True)."""
+    g = torch.Generator().manual_seed(0)
+    for shape, size in (((2, 3, 7, 7), (14, 14)), ((2, 3, 4, 4), (7, 7)), ((1, 2, 14, 14), (28, 28)),
+                        ((1, 1, 1, 5), (3, 9))):
+        x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+        w = torch.randn((shape[0], shape[1], *size), generator=g, dtype=torch.float64)
+        ref = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+        (grad_ref,) = torch.autograd.grad((ref * w).sum(), x)
+        torch.use_deterministic_algorithms(True)
+        try:
+            out = model.resize_bilinear(x, size)
+            (grad,) = torch.autograd.grad((out * w).sum(), x)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-12)
+
+
+def test_deterministic_flag_trains_the_same_twice(tmp_path, fake_mnist):
+    """--deterministic turns torch's deterministic algorithms on for the run (and the run still trains)."""
+    cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 3}))
+    try:
+        for doc in ("a", "b"):
+            assert main.main([*CPU, "--deterministic", "--config", cfg, "--run", str(tmp_path / "run"),
+                              "--doc", doc]) == 0
+            assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    a, b = (torch.load(tmp_path / "run" / "logs" / d / "checkpoint.pth", weights_only=True)["model"] for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gpu_check_script_runs_at_tiny_size_on_the_cpu(tmp_path, fake_mnist):
+    """bench/gpu_check.sh --tiny: every part of the GPU check (tests, speed rows, train, sample, eval) runs on the
+    CPU and prints its time; the samples and metrics land in --run, and an existing --run is refused."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run = tmp_path / "check"
+    cmd = ["bash", f"{REPO}/bench/gpu_check.sh", "--tiny", "--data_root", fake_mnist, "--run", str(run)]
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for part in ("tests", "speed", "train", "sample", "eval"):
+        assert f"-- {part}: " in p.stdout, part
+    assert "| 4 | fast / plain |" in p.stdout
+    assert sorted(os.listdir(run / "images")) == ["movie.gif", "samples.png", "samples.pt"]
+    (record,) = json.load(open(run / "logs" / "tenepochs" / "metrics.json"))
+    assert record["n_samples"] == 4 and record["step"] == 6
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert again.returncode == 1 and "exists from an earlier check" in again.stderr
