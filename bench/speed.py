@@ -2,12 +2,16 @@
 
     .venv/bin/python bench/speed.py                       # ngf 64 and ngf 16, batch 128, on the CPU (and CUDA)
     .venv/bin/python bench/speed.py --ngf 32 --repeats 5 --profile
+    .venv/bin/python bench/speed.py --devices cuda --compile      # CUDA rows only, with a torch.compile row
 
 plain: fp32, eager, contiguous layout, the straightforward kernels (F.elu, torch.var_mean for the CIN++
        statistics, F.avg_pool2d for the 5x5 pooling), Adam with its default (foreach) kernels.
 fast:  what `fast:` in config.yml turns on: bf16 autocast with fp32 master weights (network input and
        output kept in fp32), model.py's fast kernels (vectorised ELU, CIN++ statistics from E[x] and E[x^2],
-       the pooling as a depthwise convolution), fused Adam (and channels_last if asked).
+       the pooling as a depthwise convolution), fused Adam (and channels_last if asked); on CUDA also TF32
+       and cudnn.benchmark (fast.tf32, fast.cudnn_benchmark). The plain path on CUDA is true fp32 (TF32 off).
+compile: (with --compile) the fast path with the network under torch.compile; its compilation is in the
+       warm-up, not in the timings.
 Each variant runs `--repeats` timed repetitions after a warm-up, alternating plain and fast so that load
 from other processes hits both alike; the table gives medians. A training step is the repository's own DSM
 loss, backward and Adam step; a sampling step is one network evaluation of annealed Langevin dynamics
@@ -90,13 +94,15 @@ def memory_of(name, ngf, device, batch, channels_last):
 class Variant:
     """One configuration of model + optimiser + precision, with a timed training and sampling step."""
 
-    def __init__(self, name, ngf, device, batch, fast, channels_last=False):
+    def __init__(self, name, ngf, device, batch, fast, channels_last=False, compile=False):
         torch.manual_seed(0)
         self.name, self.device, self.batch, self.fast = name, device, batch, fast
         self.model = CondRefineNetDilated(ngf=ngf, num_classes=10, fast_kernels=fast).to(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=True if fast else None)
+        if compile:
+            self.model = torch.compile(self.model)
         self.sigmas = get_sigmas(1.0, 0.01, 10).to(device)
         self.gen = torch.Generator(device).manual_seed(0)
         self.x = torch.rand(batch, 1, 28, 28, device=device).contiguous(memory_format=self.memory_format)
@@ -118,7 +124,13 @@ class Variant:
         with torch.inference_mode(), self.autocast():
             self.model(self.x, self.labels)
 
+    def precision(self):
+        """The plain path is true fp32; the fast path uses TF32 and cudnn.benchmark (they matter on CUDA only)."""
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.fast
+        torch.backends.cudnn.benchmark = self.fast
+
     def time(self, fn, reps=1):
+        self.precision()
         sync(self.device)
         t0 = time.perf_counter()
         for _ in range(reps):
@@ -132,12 +144,15 @@ class Variant:
         return counter.get_total_flops()
 
 
-def bench(ngf, device, batch, repeats, channels_last):
+def bench(ngf, device, batch, repeats, channels_last, compile=False):
     variants = [Variant("plain", ngf, device, batch, fast=False),
                 Variant("fast", ngf, device, batch, fast=True, channels_last=channels_last)]
+    if compile:
+        variants.append(Variant("compile", ngf, device, batch, fast=True, channels_last=channels_last, compile=True))
     steps = 1 if device.type == "cpu" else 10
     results = {v.name: {"train": [], "sample": []} for v in variants}
-    for v in variants:  # warm-up (and oneDNN's kernel choice) outside the timings
+    for v in variants:  # warm-up (oneDNN's and cuDNN's kernel choice, compilation) outside the timings
+        v.precision()
         v.train_step()
         v.sample_step()
     for _ in range(repeats):
@@ -146,14 +161,15 @@ def bench(ngf, device, batch, repeats, channels_last):
             results[v.name]["sample"].append(v.time(v.sample_step, steps))
     rows = []
     for v in variants:
-        mem = peak_memory_in_fresh_process(v.name, ngf, device, batch, channels_last)
+        mem = peak_memory_in_fresh_process(v.name, ngf, device, batch, channels_last) if v.name != "compile" \
+            else (float("nan"), float("nan"))
         train_s = statistics.median(results[v.name]["train"])
         sample_s = statistics.median(results[v.name]["sample"])
-        train_flops = v.flops(v.train_step)
-        sample_flops = v.flops(v.sample_step)
+        train_flops, sample_flops = (v.flops(v.train_step), v.flops(v.sample_step)) if v.name != "compile" else \
+            (rows[-1]["train_flops"], rows[-1]["sample_flops"])  # the same arithmetic as the fast path's
         rows.append(dict(variant=v.name, train_ips=batch / train_s, sample_ips=batch / sample_s, train_s=train_s,
                          train_gflops=train_flops / train_s / 1e9, sample_gflops=sample_flops / sample_s / 1e9,
-                         mem=mem))
+                         mem=mem, train_flops=train_flops, sample_flops=sample_flops))
     return rows
 
 
@@ -166,31 +182,36 @@ def main():
     p.add_argument("--profile", action="store_true", help="print the top ops of one plain and one fast step")
     p.add_argument("--memory_of", choices=["plain", "fast"], help=argparse.SUPPRESS)  # internal: one variant
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    p.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], default=None,
+                   help="which devices get rows (default: the CPU, and CUDA when present)")
+    p.add_argument("--compile", action="store_true", help="add a row for the fast path under torch.compile")
+    p.add_argument("--matmul_n", type=int, default=2048, help="size of the matrix multiply that measures the peak")
     args = p.parse_args()
     if args.memory_of:
         print(*memory_of(args.memory_of, args.ngf[0], torch.device(args.device), args.batch, args.channels_last))
         return
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [torch.device(d) for d in args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, batch {args.batch}, "
           f"medians of {args.repeats}")
     for device in devices:
-        peak32 = matmul_peak(device, torch.float32)
-        peak16 = matmul_peak(device, torch.bfloat16)
+        peak32 = matmul_peak(device, torch.float32, n=args.matmul_n)
+        peak16 = matmul_peak(device, torch.bfloat16, n=args.matmul_n)
         print(f"\n{device}: matmul peak fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s")
         print("| ngf | path | train img/s | sample img/s | train GFLOP/s (% of peak) | sample GFLOP/s (% of peak) "
               "| peak memory of a process training (of it the step's own) |")
         print("|---|---|---|---|---|---|---|")
         for ngf in args.ngf:
-            rows = bench(ngf, device, args.batch, args.repeats, args.channels_last)
+            rows = bench(ngf, device, args.batch, args.repeats, args.channels_last, args.compile)
             for r in rows:
                 peak = peak32 if r["variant"] == "plain" else peak16
                 print(f"| {ngf} | {r['variant']} | {r['train_ips']:.1f} | {r['sample_ips']:.1f} | "
                       f"{r['train_gflops']:.0f} ({100 * r['train_gflops'] * 1e9 / peak:.0f}%) | "
                       f"{r['sample_gflops']:.0f} ({100 * r['sample_gflops'] * 1e9 / peak:.0f}%) | "
                       f"{r['mem'][0] / 2 ** 30:.2f} GiB ({(r['mem'][0] - r['mem'][1]) / 2 ** 30:.2f} GiB) |")
-            plain, fast = rows
-            print(f"| {ngf} | fast / plain | {fast['train_ips'] / plain['train_ips']:.2f}x | "
-                  f"{fast['sample_ips'] / plain['sample_ips']:.2f}x | | | |")
+            plain, fast = rows[:2]
+            for r in rows[1:]:
+                print(f"| {ngf} | {r['variant']} / plain | {r['train_ips'] / plain['train_ips']:.2f}x | "
+                      f"{r['sample_ips'] / plain['sample_ips']:.2f}x | | | |")
             if args.profile:
                 for fast_path in (False, True):
                     v = Variant("p", ngf, device, args.batch, fast=fast_path, channels_last=args.channels_last)
