@@ -15,7 +15,7 @@ less variety):
 
 `guided_score_fn` builds s_w around any score function, and the unchanged sampler
 (runner.anneal_langevin_dynamics) runs it. `get_guidance_classifier` trains the classifier once for a run's
-noise levels (a few minutes on two CPU cores, with a progress bar) and caches it next to the data, beside
+noise levels (with a progress bar; about 6 minutes on one core) and caches it next to the data, beside
 metrics.py's classifier; `python guidance.py --doc NAME` makes it ahead of time and prints its accuracy per level.
 
 Its own module, apart from metrics.py: metrics.py's classifier is the independent judge of samples, trained
@@ -36,9 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import NCSNError, atomic_torch_save
+from common import NCSNError
 from data import MNIST_FILES, data_space, dequantize, load_mnist, load_mnist_labels
-from metrics import FALLBACK_CACHE, _writable, fit_classifier, random_shift
+from metrics import FALLBACK_CACHE, _writable, fit_classifier, random_shift, write_cache
 
 log = logging.getLogger("ncsn")
 
@@ -257,12 +257,7 @@ def get_guidance_classifier(config, sigmas, device, cache_dir=None):
              "sigmas": model.sigmas.tolist(), "logit_transform": bool(logit),
              "test_accuracy_per_level": [float(a) for a in accuracy], "train_seconds": float(time.time() - t0),
              "settings": dict(s)}
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-        atomic_torch_save(cache, target)
-    except OSError as e:
-        raise NCSNError(f"cannot write the guidance classifier cache {target}: {e.strerror}") from e
-    log.info("guidance classifier cached in %s", target)
+    write_cache(cache, target, "guidance classifier")
     return model.to(device).eval().requires_grad_(False)
 
 

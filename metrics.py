@@ -256,13 +256,19 @@ def get_classifier(data_root, device, cache_path=None):
     cache = {"format": CACHE_FORMAT, "model": model.state_dict(), "test_accuracy": float(accuracy),
              "fingerprint": classifier_fingerprint(), "train_seconds": float(time.time() - t0),
              "settings": dict(s)}
+    write_cache(cache, target, "classifier")
+    return model.to(device).eval()
+
+
+def write_cache(cache, target, what):
+    """Save a classifier cache dict atomically at `target` (making its folder); a one-line NCSNError if not
+    possible. `what` names the classifier in the messages."""
     try:
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
         atomic_torch_save(cache, target)
     except OSError as e:
-        raise NCSNError(f"cannot write the classifier cache {target}: {e.strerror}") from e
-    logger.info("classifier cached in %s", target)
-    return model.to(device).eval()
+        raise NCSNError(f"cannot write the {what} cache {target}: {e.strerror}") from e
+    logger.info("%s cached in %s", what, target)
 
 
 # ----------------------------------------------------------------------------------------------------------
