@@ -9,7 +9,7 @@ import guidance
 import main
 import runner
 from common import NCSNError
-from conftest import snapshot_tree, tiny_config, write_config, write_fake_mnist
+from conftest import CPU, snapshot_tree, tiny_config, write_config, write_fake_mnist
 from schema import config_from_dict
 
 # Two Gaussians N(+-MU e_1, S0^2 I) in 2-D with equal weights: noised at sigma, component k is N(m_k, v I) with
@@ -140,7 +140,7 @@ def run(capsys, *args):
     """main.main(ARGS) in this process (no new interpreter to start): (exit status, its one error line)."""
     capsys.readouterr()
     try:
-        code = main.main([str(a) for a in args])
+        code = main.main([*CPU, *(str(a) for a in args)])
     except SystemExit as e:  # argparse's usage errors
         code = e.code
     err = capsys.readouterr().err
@@ -167,7 +167,7 @@ def tiny_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("guided")
     root = write_fake_mnist(str(folder / "data"))
     cfg = write_config(folder / "c.yml", tiny_config(root))
-    assert main.main(["--config", cfg, "--run", str(folder / "run"), "--doc", "r"]) == 0
+    assert main.main([*CPU, "--config", cfg, "--run", str(folder / "run"), "--doc", "r"]) == 0
     return folder
 
 

@@ -8,7 +8,7 @@ import torch
 
 import main
 import metrics
-from conftest import tiny_config, write_config, write_fake_mnist
+from conftest import CPU, tiny_config, write_config, write_fake_mnist
 
 
 def brute_force(queries, references):
@@ -53,8 +53,8 @@ def test_eval_writes_the_nearest_neighbour_figures(tmp_path, capsys):
     root = write_fake_mnist(str(tmp_path / "data"))
     cfg = write_config(tmp_path / "c.yml", tiny_config(root, **{"eval.n_samples_cpu": 12, "eval.loss_images_cpu": 8}))
     run = str(tmp_path / "run")
-    assert main.main(["--config", cfg, "--run", run, "--doc", "r"]) == 0
-    assert main.main(["--config", cfg, "--run", run, "--doc", "r", "--eval"]) == 0
+    assert main.main([*CPU, "--config", cfg, "--run", run, "--doc", "r"]) == 0
+    assert main.main([*CPU, "--config", cfg, "--run", run, "--doc", "r", "--eval"]) == 0
     logs = tmp_path / "run" / "logs" / "r"
     with open(logs / "metrics.json") as f:
         near = json.load(f)[-1]["nearest"]
