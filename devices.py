@@ -56,10 +56,25 @@ def set_deterministic(on):
         torch.backends.cudnn.deterministic = True
 
 
+def warn_slow_precision(config, device):
+    """One logged line when fast.bf16 is on for a CPU without native bf16 (no AVX512-BF16 or AMX): there oneDNN
+    emulates it, and a training step ran 10x slower than fp32 on this project's AVX2 machines."""
+    if not config.fast.bf16 or device.type != "cpu":
+        return
+    try:
+        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return
+    if not native:
+        log.warning("fast.bf16 is on, but this CPU (%s) has no native bf16: expect it to run several times slower "
+                    "than fp32; set fast.bf16: false", torch.backends.cpu.get_cpu_capability())
+
+
 def set_precision(config, device):
     """Make the precision of a run's config explicit on `device`, and log it in one line: TF32 matmuls and
     convolutions only when fast.tf32 is on (the plain path is true fp32; torch itself defaults to TF32
     convolutions), cudnn.benchmark only when fast.cudnn_benchmark is on and the run is not deterministic."""
+    warn_slow_precision(config, device)
     fast, deterministic = config.fast, torch.are_deterministic_algorithms_enabled()
     torch.backends.cuda.matmul.allow_tf32 = fast.tf32
     torch.backends.cudnn.allow_tf32 = fast.tf32

@@ -148,9 +148,7 @@ class TrainingMetrics:
             if run.rank != 0:
                 self.classifier = metrics.get_classifier(cfg.data.root, state.device)
         t0 = time.time()
-        seed = derive_seed(state.seed, "training_metrics", state.step)
-        generator = torch.Generator(state.device).manual_seed(
-            seed if run.rank == 0 else derive_seed(seed, "sampling_rank", run.rank))
+        generator = sampling_generator(run, state.device, derive_seed(state.seed, "training_metrics", state.step))
         score_fn = make_score_fn(state.sampling_model(), cfg, state.device, state.sigmas)
         lo, hi = run.shard(cfg.eval.n_training)
         samples = run.gather(draw_samples(score_fn, state.sigmas, cfg, hi - lo, generator, state.device))

@@ -153,20 +153,6 @@ def autocast(config, device):
                           enabled=config.fast.bf16 and devices.bf16_autocast_ok(device))
 
 
-def warn_slow_precision(config, device):
-    """One logged line when fast.bf16 is on for a CPU without native bf16 (no AVX512-BF16 or AMX): there oneDNN
-    emulates it, and a training step ran 10x slower than fp32 on this project's AVX2 machines."""
-    if not config.fast.bf16 or device.type != "cpu":
-        return
-    try:
-        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        return
-    if not native:
-        log.warning("fast.bf16 is on, but this CPU (%s) has no native bf16: expect it to run several times slower "
-                    "than fp32; set fast.bf16: false", torch.backends.cpu.get_cpu_capability())
-
-
 def make_score_fn(model, config, device, sigmas):
     """s(x, i) as the sampler and the loss call it: the model under the configured precision, divided by
     sigma_i when model.scale_by_sigma is on."""
@@ -402,7 +388,6 @@ class TrainState:
     @classmethod
     def create(cls, config, run, device, seed, ckpt=None):
         """A fresh run (ckpt None) or the run in `ckpt`, on one code path: build, then restore."""
-        warn_slow_precision(config, device)
         devices.set_precision(config, device)
         torch.manual_seed(seed)
         model = make_model(config, device)
@@ -560,7 +545,6 @@ def load_trained(run, config, device, seed):
     if config is not None:
         log.info("sampling and speed settings from --config; the model's from the checkpoint")
         run_cfg = dataclasses.replace(run_cfg, sampling=config.sampling, fast=config.fast, eval=config.eval)
-    warn_slow_precision(run_cfg, device)
     devices.set_precision(run_cfg, device)
     model = make_model(run_cfg, device)
     use_ema = run_cfg.model.ema and run_cfg.sampling.ema

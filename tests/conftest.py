@@ -1,4 +1,5 @@
 """Shared helpers: tiny MNIST-format files written by the tests, tiny configs, and running main.py."""
+import logging
 import os
 import struct
 import subprocess
@@ -68,6 +69,21 @@ def run_main(*args, cwd, timeout=300, env=None):
     """python main.py --device cpu ARGS in `cwd`, as a user would run it; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *CPU, *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def ncsn_log():
+    """Messages of the "ncsn" logger (which main.setup_logging may have cut off from the root logger)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("ncsn")
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(old)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 nothing else, a missing device is a one-line error, and a fast-path switch a device lacks falls back with
 one logged line. The CUDA side of these is in tests/test_cuda.py (skipped without a GPU)."""
 import functools
-import logging
 import os
 
 import pytest
@@ -14,20 +13,6 @@ import devices
 import main
 import model
 from conftest import CPU, tiny_config, write_config
-
-
-@pytest.fixture
-def ncsn_log():
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger("ncsn")
-    old = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(old)
 
 
 def reports(monkeypatch, module, name, value):

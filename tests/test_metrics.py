@@ -1,5 +1,4 @@
 """FID, the Inception-style score and the cached digit classifier, checked against closed-form answers."""
-import logging
 import os
 
 import numpy as np
@@ -38,21 +37,6 @@ def digit_images(classes, seed=0):
     g = torch.Generator().manual_seed(seed)
     k = torch.as_tensor(classes, dtype=torch.float32).view(-1, 1, 1, 1)
     return (k / 9 + 0.01 * torch.randn(len(k), 1, 28, 28, generator=g)).clamp(0, 1)
-
-
-@pytest.fixture
-def ncsn_log():
-    """Messages of the "ncsn" logger (which main.setup_logging may have cut off from the root logger)."""
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger("ncsn")
-    old = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(old)
 
 
 # ----------------------------------------------------------------------------------------------------------
