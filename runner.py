@@ -36,6 +36,7 @@ RESUMABLE_CHANGES = {
     "sampling.n_steps_each", "sampling.step_lr", "sampling.n_samples", "sampling.batch_size", "sampling.n_frames",
     "sampling.denoise", "sampling.ema", "sampling.init", "sampling.guidance_scale",
     "fast.bf16", "fast.fast_kernels", "fast.fused_adam", "fast.channels_last", "fast.tf32", "fast.cudnn_benchmark",
+    "fast.compile",
     "eval.n_samples", "eval.n_samples_cpu", "eval.every_snapshots", "eval.n_training", "eval.loss_images",
     "eval.loss_images_cpu"}
 EMA_WARMUP_STEPS = 10  # the warm-up decay (1 + t) / (EMA_WARMUP_STEPS + t): 0.1 at t = 0, 0.99 at t = 890
@@ -141,6 +142,14 @@ def make_model(config, device):
                                  channels=config.data.channels, logit_transform=config.data.logit_transform,
                                  fast_kernels=config.fast.fast_kernels).to(device)
     return model.to(memory_format=memory_format(config))
+
+
+def compile_model(model, config):
+    """torch.compile the module in place when fast.compile is on: its forward is compiled on first call, its
+    parameters and state_dict keys are unchanged (so checkpoints and EMA see the plain module)."""
+    if config.fast.compile:
+        model.compile(dynamic=False)  # a static graph per batch size: symbolic shapes compile far slower
+    return model
 
 
 def memory_format(config):
@@ -396,7 +405,7 @@ class TrainState:
         generator = torch.Generator(device).manual_seed(seed)
         sigmas = get_sigmas(config.model.sigma_begin, config.model.sigma_end, config.model.num_classes).to(device)
         step = restore(ckpt, model, ema, optimizer, generator, config, run.ckpt_path) if ckpt else 0
-        net = model
+        net = compile_model(model, config)  # the EMA copy (used every test_freq steps) stays eager
         if run.world > 1:
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                             else None)
@@ -549,7 +558,7 @@ def load_trained(run, config, device, seed):
     model = make_model(run_cfg, device)
     use_ema = run_cfg.model.ema and run_cfg.sampling.ema
     load_model_state(model, ckpt["ema"] if use_ema else ckpt["model"], run.ckpt_path)
-    model.eval()
+    compile_model(model.eval(), run_cfg)
     sigmas = get_sigmas(run_cfg.model.sigma_begin, run_cfg.model.sigma_end, run_cfg.model.num_classes).to(device)
     log.info("model of step %d%s; %d levels x %d steps, step_lr %g%s, seed %d", ckpt["step"],
              " (EMA weights)" if use_ema else "", len(sigmas), run_cfg.sampling.n_steps_each,

@@ -88,6 +88,8 @@ class Fast:
     channels_last: bool = False  # NHWC layout (slower on the CPUs measured here, try it on a GPU)
     tf32: bool = False  # CUDA only: TF32 matmuls and convolutions (10-bit mantissa); off = true fp32
     cudnn_benchmark: bool = False  # CUDA only: let cuDNN time its kernels and keep the fastest (off with --deterministic)
+    compile: bool = False  # torch.compile the network for training and sampling (fp32: the same sums, fused);
+    # compiling takes minutes on a CPU, once per process and once more for a new batch size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -178,6 +178,40 @@ def test_deterministic_flag_trains_the_same_twice(tmp_path, fake_mnist):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_compile_switch_compiles_the_network_and_changes_nothing_else(monkeypatch, tmp_path, fake_mnist):
+    """fast.compile puts the training network and the sampling network under torch.compile (here through its
+    eager backend: dynamo captures the graphs, without the minutes inductor spends generating kernels) and
+    changes nothing else: the weights and EMA of the compiled run equal the eager run's to float rounding, the
+    checkpoint holds the plain module's keys, and --sample reads it."""
+    compiled = []
+    module_compile = torch.nn.Module.compile
+
+    def spy(self, *args, **kwargs):
+        compiled.append(type(self).__name__)
+        return module_compile(self, *args, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", spy)
+    run, ckpts = str(tmp_path / "run"), {}
+    try:
+        for flag in (False, True):
+            cfg = tiny_config(fake_mnist, **{"training.n_iters": 4, "model.ema": True, "fast.compile": flag})
+            assert main.main([*CPU, "--config", write_config(tmp_path / f"{flag}.yml", cfg), "--run", run,
+                              "--doc", str(flag)]) == 0
+            ckpts[flag] = torch.load(tmp_path / "run" / "logs" / str(flag) / "checkpoint.pth", weights_only=True)
+        assert compiled == ["CondRefineNetDilated"]  # the training network; the EMA copy stays eager
+        assert main.main([*CPU, "--run", run, "--doc", "True", "--sample", "-o", str(tmp_path / "s")]) == 0
+    finally:
+        torch._dynamo.reset()
+    assert compiled == ["CondRefineNetDilated"] * 2  # and the sampling network
+    assert ckpts[True]["config"]["fast"]["compile"] and not ckpts[False]["config"]["fast"]["compile"]
+    for part in ("model", "ema"):
+        eager, comp = ckpts[False][part], ckpts[True][part]
+        assert list(comp) == list(eager)
+        for key in eager:
+            torch.testing.assert_close(comp[key], eager[key], rtol=1e-4, atol=1e-5, msg=f"{part} {key}")
+    assert os.path.isfile(tmp_path / "s" / "samples.png")
+
+
 def test_gpu_check_script_runs_at_tiny_size_on_the_cpu(tmp_path, fake_mnist):
     """bench/gpu_check.sh --tiny: every part of the GPU check (tests, speed rows, train, sample, eval) runs on the
     CPU and prints its time; the samples and metrics land in --run, and an existing --run is refused."""
