@@ -64,7 +64,8 @@ class Sampling:
     n_frames: int = 100  # frames of movie.gif along the trajectory
     denoise: bool = False  # after the last level, one step x <- x + sigma_L^2 s(x, sigma_L) (NCSNv2, appendix)
     ema: bool = True  # sample, score and compute the test loss with the EMA weights when the run keeps them
-    init: str = "uniform"  # the chain's start: U[0, 1] (the paper) or gaussian: MNIST's mean pixel + sigma_1 z
+    init: str = "uniform"  # the chain's start: U[0, 1] (the paper) or gaussian: MNIST's mean pixel + sigma_1 z. A config
+    # without the key (the authors' checkpoints) starts as the paper does; config.yml sets gaussian (README)
     guidance_scale: float = 0.0  # w of --sample --digit: s + w grad log p(y | x, sigma_i) (guidance.py); 0 = off
 
 

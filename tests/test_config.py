@@ -17,6 +17,8 @@ def test_the_shipped_config_has_the_published_settings():
     assert (c.optim.optimizer, c.optim.lr, c.optim.beta1, c.optim.weight_decay, c.optim.amsgrad) == \
         ("Adam", 0.001, 0.9, 0.0, False)
     assert (c.sampling.n_steps_each, c.sampling.step_lr) == (100, 0.00002)
+    # the one departure: the chain starts at MNIST's mean + sigma_1 z, not U[0, 1] (README, white samples)
+    assert c.sampling.init == "gaussian"
 
 
 def test_config_is_read_only_and_round_trips_through_yaml():

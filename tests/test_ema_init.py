@@ -36,7 +36,8 @@ def test_initial_samples_uniform_and_gaussian():
     cfg = load_config(f"{REPO}/config.yml")
     sigmas = runner.get_sigmas(1.0, 0.01, 10)
     g = torch.Generator().manual_seed(0)
-    u = runner.initial_samples(cfg, sigmas, 2000, g, "cpu")
+    uniform = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, init="uniform"))
+    u = runner.initial_samples(uniform, sigmas, 2000, g, "cpu")
     assert u.shape == (2000, 1, 28, 28) and u.min() >= 0 and u.max() < 1
     assert u.mean().item() == pytest.approx(0.5, abs=0.01)
     gauss = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, init="gaussian"))
