@@ -64,7 +64,7 @@ def evaluate(args, config, device):
     samples of the run's checkpoint against the MNIST test set, and the DSM loss of the test images at each
     noise level; appended to metrics.json and written to TensorBoard at the checkpoint's step."""
     run, device = Run.from_args(args), torch.device(device)
-    run_cfg, score_fn, sigmas, step = load_trained(run, config, device, args.seed)
+    run_cfg, score_fn, sigmas, step = load_trained(run.ckpt_path, config, device, args.seed)
     n = run_cfg.eval.n_samples_cpu if device.type == "cpu" else run_cfg.eval.n_samples  # GPU or MPS: the full count
     test_u8 = load_mnist(run_cfg.data.root, train=False).to(device)
     classifier = metrics.get_classifier(run_cfg.data.root, device)

@@ -38,7 +38,7 @@ def inpaint(args, config, device, kind):
     the originals, what the sampler sees (hidden pixels grey), the completions. Every random choice (the
     digits, their dequantization, the mask, the noise) follows --seed."""
     run, device = Run.from_args(args), torch.device(device)
-    run_cfg, score_fn, sigmas, _ = load_trained(run, config, device, args.seed)
+    run_cfg, score_fn, sigmas, _ = load_trained(run.ckpt_path, config, device, args.seed)
     scfg = run_cfg.sampling
     if run_cfg.data.logit_transform:
         raise NCSNError("--inpaint works on runs in pixel space (data.logit_transform: false)")

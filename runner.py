@@ -540,15 +540,16 @@ def test_loss(state, test_u8):
 # ----------------------------------------------------------------------------------------------------------
 # Sampling
 
-def load_trained(run, config, device, seed):
-    """The run's checkpoint, ready to sample: (config, score function, sigmas on the device, step).
+def load_trained(ckpt_path, config, device, seed):
+    """The checkpoint file ckpt_path (a run's checkpoint.pth or a numbered snapshot), ready to sample:
+    (config, score function, sigmas on the device, step).
 
     The model and data settings are the checkpoint's; `sampling`, `eval` and `fast` come from `config` (--config)
     when it is given. With model.ema and sampling.ema on, the EMA weights are used.
     """
-    ckpt = load_checkpoint(run.ckpt_path, device)
+    ckpt = load_checkpoint(ckpt_path, device)
     try:
-        run_cfg = config_from_dict(with_legacy_values(ckpt["config"]), source=f"config in {run.ckpt_path}")
+        run_cfg = config_from_dict(with_legacy_values(ckpt["config"]), source=f"config in {ckpt_path}")
     except ConfigError as e:
         raise NCSNError(str(e)) from e
     if config is not None:
@@ -557,7 +558,7 @@ def load_trained(run, config, device, seed):
     devices.set_precision(run_cfg, device)
     model = make_model(run_cfg, device)
     use_ema = run_cfg.model.ema and run_cfg.sampling.ema
-    load_model_state(model, ckpt["ema"] if use_ema else ckpt["model"], run.ckpt_path)
+    load_model_state(model, ckpt["ema"] if use_ema else ckpt["model"], ckpt_path)
     compile_model(model.eval(), run_cfg)
     sigmas = get_sigmas(run_cfg.model.sigma_begin, run_cfg.model.sigma_end, run_cfg.model.num_classes).to(device)
     log.info("model of step %d%s; %d levels x %d steps, step_lr %g%s, seed %d", ckpt["step"],
@@ -609,7 +610,7 @@ def sample(args, config, device, guide=None):
     guide(run config, score_fn, sigmas) -> (score_for_batch, grid row length or None), when given, steers the
     samples (--digit: guidance.digit_guide); it is called before anything is written."""
     run, device = Run.from_args(args), torch.device(device)
-    run_cfg, score_fn, sigmas, _ = load_trained(run, config, device, args.seed)
+    run_cfg, score_fn, sigmas, _ = load_trained(run.ckpt_path, config, device, args.seed)
     score_for_batch, nrow = guide(run_cfg, score_fn, sigmas) if guide is not None else (None, None)
     scfg = run_cfg.sampling
     names = output_paths(args.image_folder, ["samples.png", "samples.pt", "movie.gif"], args.overwrite)

@@ -55,6 +55,9 @@ class Optim:
     amsgrad: bool  # AMSGrad variant of Adam
 
 
+SAMPLING_INITS = ("uniform", "gaussian")  # sampling.init: the chain's start (runner.initial_samples)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     n_steps_each: int  # T, Langevin steps per noise level (Algorithm 1)
@@ -128,7 +131,7 @@ RULES = [  # (key, test, what it must be): checked once, after the types
     ("sampling.n_samples", lambda v: v >= 1, ">= 1"),
     ("sampling.batch_size", lambda v: v >= 1, ">= 1"),
     ("sampling.n_frames", lambda v: v >= 1, ">= 1"),
-    ("sampling.init", lambda v: v in ("uniform", "gaussian"), "uniform or gaussian"),
+    ("sampling.init", lambda v: v in SAMPLING_INITS, " or ".join(SAMPLING_INITS)),
     ("sampling.guidance_scale", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("model.ema_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("eval.n_samples", lambda v: v >= 2, ">= 2"),

@@ -57,7 +57,8 @@ def score_row(images, asked, judge, reference):
 
 def bench(args):
     device = torch.device("cpu")
-    run_cfg, score_fn, sigmas, step = runner.load_trained(Run(args.run, args.doc), None, device, args.seed)
+    ckpt_path = Run(args.run, args.doc).ckpt_path
+    run_cfg, score_fn, sigmas, step = runner.load_trained(ckpt_path, None, device, args.seed)
     data = dataclasses.replace(run_cfg.data, root=args.data_root or run_cfg.data.root)
     run_cfg = dataclasses.replace(run_cfg, data=data, sampling=dataclasses.replace(run_cfg.sampling, n_samples=args.n))
     names = output_paths(args.out, [f"{d}_w{w:g}.png" for d in args.digits for w in args.scales] + ["results.json"],

@@ -58,7 +58,8 @@ def test_tiny_network_learns_the_score_of_two_patterns(tmp_path):
     assert last < first / 2, f"the loss fell from {first:.1f} (first 20 steps) to {last:.1f} (last 20) only"
 
     device = torch.device("cpu")
-    run_cfg, trained, sigmas, step = runner.load_trained(Run(str(tmp_path / "run"), "learn"), None, device, 0)
+    ckpt_path = Run(str(tmp_path / "run"), "learn").ckpt_path
+    run_cfg, trained, sigmas, step = runner.load_trained(ckpt_path, None, device, 0)
     assert step == N_ITERS
     torch.manual_seed(1234)  # the weights the run started from (TrainState.create seeds --seed, then builds)
     untrained_model = runner.make_model(run_cfg, device).eval()
