@@ -110,6 +110,18 @@ def anneal_langevin_dynamics(score_fn, x, sigmas, n_steps_each, step_lr, generat
     return x
 
 
+def learning_rate(step, optim, n_total):
+    """The learning rate of training step `step` (1, 2, ..., n_total) under optim.lr_schedule and optim.warmup:
+    lr * step / warmup during the warm-up, then lr (constant) or lr * 0.5 (1 + cos(pi p)) (cosine), with p the
+    share of the steps after the warm-up already taken (0 at the first, (n - 1) / n at the last)."""
+    if step <= optim.warmup:
+        return optim.lr * step / optim.warmup
+    if optim.lr_schedule == "constant":
+        return optim.lr
+    progress = (step - 1 - optim.warmup) / max(1, n_total - optim.warmup)
+    return optim.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def ema_decay(step, rate, warmup):
     """The EMA decay used after training step `step` (1, 2, ...): `rate`, or with the warm-up
     min(rate, (1 + t) / (10 + t)) with t = step - 1, so the random initial weights fade within a few hundred
@@ -392,10 +404,11 @@ class TrainState:
     sigmas: torch.Tensor  # (L,)
     score_fn: object  # s(x, i) of `net`, built once: what the loss calls
     to_model: object  # pixels in [0, 1] -> the model's space (data.data_space)
+    n_total: int  # the run's last step: where a cosine learning rate reaches 0
     step: int = 0  # the last completed step
 
     @classmethod
-    def create(cls, config, run, device, seed, ckpt=None):
+    def create(cls, config, run, device, seed, n_total, ckpt=None):
         """A fresh run (ckpt None) or the run in `ckpt`, on one code path: build, then restore."""
         devices.set_precision(config, device)
         torch.manual_seed(seed)
@@ -411,7 +424,7 @@ class TrainState:
                                                             else None)
         net.train()
         return cls(config, run, device, seed, model, net, ema, optimizer, generator, sigmas,
-                   make_score_fn(net, config, device, sigmas), data_space(config)[0], step)
+                   make_score_fn(net, config, device, sigmas), data_space(config)[0], n_total, step)
 
     def sampling_model(self):
         """The weights --sample would use: the EMA's when model.ema and sampling.ema are on."""
@@ -431,6 +444,8 @@ class TrainState:
         x = self.to_model(dequantize(images_u8[order[own]], u=u[own]))  # (b, 1, 28, 28)
         loss, _ = dsm_loss(self.score_fn, x, self.sigmas, labels=labels[own], z=z[own],
                            anneal_power=cfg.training.anneal_power)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step + 1, cfg.optim, self.n_total)
         self.optimizer.zero_grad(set_to_none=True)
         (loss.sum() * self.run.world / len(order)).backward()  # DDP averages: the mean over the global batch
         self.optimizer.step()
@@ -457,7 +472,7 @@ def train(args, config, device, on_snapshot=None):
     n, bs = len(train_u8), tcfg.batch_size
     steps_per_epoch = math.ceil(n / bs)
     n_total = min(tcfg.n_iters, tcfg.n_epochs * steps_per_epoch)
-    state = TrainState.create(config, run, device, ckpt["seed"] if ckpt else args.seed, ckpt)
+    state = TrainState.create(config, run, device, ckpt["seed"] if ckpt else args.seed, n_total, ckpt)
     if state.step >= n_total:
         raise NCSNError(f"the checkpoint is at step {state.step} and the config ends at step {n_total}: "
                         f"raise training.n_iters (or n_epochs) to train further")

@@ -53,8 +53,13 @@ class Optim:
     beta1: float  # Adam beta1 (beta2 is 0.999)
     weight_decay: float  # L2 penalty
     amsgrad: bool  # AMSGrad variant of Adam
+    lr_schedule: str = "constant"  # constant: lr at every step (the paper). cosine: after the warm-up, lr decays as
+    # 0.5 (1 + cos(pi p)) to 0 at the run's last step, p its progress; the last step is the run's n_iters (or
+    # n_epochs), so a resume with a larger n_iters stretches the rest of the decay
+    warmup: int = 0  # the first `warmup` steps raise the lr linearly from lr / warmup to lr; 0 = none
 
 
+LR_SCHEDULES = ("constant", "cosine")  # optim.lr_schedule (runner.learning_rate)
 SAMPLING_INITS = ("uniform", "gaussian")  # sampling.init: the chain's start (runner.initial_samples)
 
 
@@ -126,6 +131,8 @@ RULES = [  # (key, test, what it must be): checked once, after the types
     ("optim.lr", lambda v: v > 0, "> 0"),
     ("optim.beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.lr_schedule", lambda v: v in LR_SCHEDULES, " or ".join(LR_SCHEDULES)),
+    ("optim.warmup", lambda v: v >= 0, ">= 0 (0 = none)"),
     ("sampling.n_steps_each", lambda v: v >= 1, ">= 1"),
     ("sampling.step_lr", lambda v: v > 0, "> 0"),
     ("sampling.n_samples", lambda v: v >= 1, ">= 1"),

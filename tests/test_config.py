@@ -43,6 +43,8 @@ BAD = [  # (override, words the message must hold)
     ({"training.snapshot_freq": 0}, "training.snapshot_freq: must be >= 1"),
     ({"sampling.n_steps_each": 0}, "sampling.n_steps_each: must be >= 1"),
     ({"data.dataset": "CIFAR10"}, "data.dataset: must be MNIST"),
+    ({"optim.lr_schedule": "linear"}, "optim.lr_schedule: must be constant or cosine"),
+    ({"optim.warmup": -1}, "optim.warmup: must be >= 0"),
 ]
 
 

@@ -190,3 +190,39 @@ def test_logit_transform_run_trains_and_samples(tmp_path, fake_mnist, monkeypatc
         expected = (torch.sigmoid(raw[k, 0]) * 255 + 0.5).floor().clamp(0, 255).long()
         diff = (grid[r:r + 28, c:c + 28] - expected).abs().max().item()
         assert diff <= 1, f"sample {k}: the PNG differs from sigmoid(samples.pt) by {diff} levels of 255"
+
+
+def test_learning_rate_warms_up_linearly_then_follows_its_schedule():
+    from runner import learning_rate
+    from schema import Optim
+    cosine = Optim("Adam", 2e-3, 0.9, 0.0, False, lr_schedule="cosine", warmup=4)
+    lrs = [learning_rate(t, cosine, 104) for t in range(1, 105)]
+    assert lrs[:4] == pytest.approx([5e-4, 1e-3, 1.5e-3, 2e-3])  # lr * step / warmup
+    assert lrs[4] == pytest.approx(2e-3)  # the first step after the warm-up: progress 0
+    assert lrs[54] == pytest.approx(1e-3)  # half of the 100 steps after the warm-up taken: cos(pi / 2)
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:])) and 0 < lrs[-1] < 2e-3 * 1e-3  # falls to ~0 at the end
+    constant = Optim("Adam", 2e-3, 0.9, 0.0, False, warmup=4)
+    assert [learning_rate(t, constant, 104) for t in range(3, 105)] == pytest.approx([1.5e-3] + [2e-3] * 101)
+    assert learning_rate(1, Optim("Adam", 2e-3, 0.9, 0.0, False), 104) == 2e-3  # the paper's: no warm-up
+
+
+def test_cosine_run_uses_its_schedule_and_resumes_mid_decay_exactly(tmp_path, fake_mnist):
+    import shutil
+    from runner import learning_rate
+    cfg = tiny_config(fake_mnist, **{"training.n_iters": 12, "training.snapshot_freq": 5, "optim.lr": 3e-3,
+                                     "optim.lr_schedule": "cosine", "optim.warmup": 2})
+    assert train(tmp_path, cfg, "full") == 0
+    optim = config_from_dict(cfg).optim
+    for name, step in (("checkpoint_5.pth", 5), ("checkpoint.pth", 12)):  # the lr Adam took at that step
+        assert ckpt(tmp_path, "full", name)["optimizer"]["param_groups"][0]["lr"] == learning_rate(step, optim, 12)
+    # the run as if it had stopped after step 5: its folder with checkpoint_5 as the latest checkpoint
+    logs = tmp_path / "run" / "logs"
+    shutil.copytree(logs / "full", logs / "cut")
+    shutil.copy(logs / "cut" / "checkpoint_5.pth", logs / "cut" / "checkpoint.pth")
+    for later in ("checkpoint_10.pth", "checkpoint_12.pth"):
+        os.remove(logs / "cut" / later)
+    assert train(tmp_path, cfg, "cut", "--resume_training") == 0
+    a, b = ckpt(tmp_path, "full"), ckpt(tmp_path, "cut")
+    assert a["step"] == b["step"] == 12
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
