@@ -228,7 +228,8 @@ def load_config(path):
 
 # Keys added after a checkpoint format was in use: a checkpoint's config that lacks one was trained with this
 # value (the behaviour before the key existed), which is not always the default of a new config.
-LEGACY_VALUES = {("model", "ema_warmup"): False}
+LEGACY_VALUES = {("model", "ema_warmup"): False,
+                 ("optim", "lr_schedule"): "constant", ("optim", "warmup"): 0}  # before these keys: constant lr
 
 
 def with_legacy_values(raw):

@@ -16,6 +16,7 @@ def test_the_shipped_config_has_the_published_settings():
     assert (c.model.sigma_begin, c.model.sigma_end, c.model.num_classes, c.model.ngf) == (1.0, 0.01, 10, 64)
     assert (c.optim.optimizer, c.optim.lr, c.optim.beta1, c.optim.weight_decay, c.optim.amsgrad) == \
         ("Adam", 0.001, 0.9, 0.0, False)
+    assert (c.optim.lr_schedule, c.optim.warmup) == ("constant", 0)
     assert (c.sampling.n_steps_each, c.sampling.step_lr) == (100, 0.00002)
     # the one departure: the chain starts at MNIST's mean + sigma_1 z, not U[0, 1] (README, white samples)
     assert c.sampling.init == "gaussian"
