@@ -25,6 +25,8 @@ def test_quick_recipe_trains_and_samples_at_a_tiny_size(tmp_path, fake_mnist):
     assert main.main([*CPU, "--config", write_config(tmp_path / "q.yml", cfg), "--run", run, "--doc", "quick"]) == 0
     ckpt = torch.load(os.path.join(run, "logs", "quick", "checkpoint.pth"), weights_only=True)
     assert ckpt["step"] == 4 and ckpt["ema"] is not None and ckpt["config"]["sampling"]["init"] == "gaussian"
+    recipe = load_config(os.path.join(REPO, "configs", "quick.yml")).optim  # its lr, still warming up at step 4
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(recipe.lr * 4 / recipe.warmup)
     out = tmp_path / "samples"
     assert main.main([*CPU, "--run", run, "--doc", "quick", "--sample", "-o", str(out)]) == 0
     samples = torch.load(out / "samples.pt", weights_only=True)
