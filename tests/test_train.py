@@ -9,7 +9,7 @@ from PIL import Image
 
 import main
 from conftest import (CPU, event_files, run_main, scalars_of_new_event_files, snapshot_tree, tiny_config,
-                      write_config, write_fake_mnist)
+                      write_config)
 from common import read_scalars
 from schema import config_from_dict, config_to_dict
 
