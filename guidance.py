@@ -335,8 +335,7 @@ def main(argv=None):
     print its test accuracy per level; --sample --digit would otherwise train it on first use."""
     import main as cli
     from common import Run
-    from runner import get_sigmas, load_checkpoint
-    from schema import ConfigError, config_from_dict, with_legacy_values
+    from runner import checkpoint_config, get_sigmas, load_checkpoint
 
     p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     p.add_argument("--run", default="run", help="output root of the run")
@@ -345,10 +344,10 @@ def main(argv=None):
     cli.setup_logging("info")
     try:
         run = Run(args.run, args.doc)
-        config = config_from_dict(with_legacy_values(load_checkpoint(run.ckpt_path)["config"]))
+        config = checkpoint_config(load_checkpoint(run.ckpt_path), run.ckpt_path)
         get_guidance_classifier(config, get_sigmas(config.model.sigma_begin, config.model.sigma_end,
                                                    config.model.num_classes), "cpu")
-    except (NCSNError, ConfigError) as e:
+    except NCSNError as e:
         log.error("%s", e)
         return 1
     return 0

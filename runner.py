@@ -278,6 +278,15 @@ def latest_checkpoint(run, device):
     return ckpt
 
 
+def checkpoint_config(ckpt, path):
+    """The config a checkpoint was trained with: keys it predates take their schema.LEGACY_VALUES, else their
+    defaults; a config that no longer validates is a one-line NCSNError."""
+    try:
+        return config_from_dict(with_legacy_values(ckpt["config"]), source=f"config in {path}")
+    except ConfigError as e:
+        raise NCSNError(str(e)) from e
+
+
 def config_differences(old, new):
     """Dotted keys whose values differ between two config dicts."""
     return sorted(f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k])
@@ -285,7 +294,7 @@ def config_differences(old, new):
 
 def check_resumable(ckpt, config, path):
     """Resuming needs the checkpoint's settings, except for RESUMABLE_CHANGES: a one-line error otherwise."""
-    old, new = with_legacy_values(ckpt["config"]), config_to_dict(config)
+    old, new = config_to_dict(checkpoint_config(ckpt, path)), config_to_dict(config)
     changed = config_differences(old, new)
     arch = [k for k in ARCHITECTURE_KEYS if k in changed]
     if arch:
@@ -563,10 +572,7 @@ def load_trained(ckpt_path, config, device, seed):
     when it is given. With model.ema and sampling.ema on, the EMA weights are used.
     """
     ckpt = load_checkpoint(ckpt_path, device)
-    try:
-        run_cfg = config_from_dict(with_legacy_values(ckpt["config"]), source=f"config in {ckpt_path}")
-    except ConfigError as e:
-        raise NCSNError(str(e)) from e
+    run_cfg = checkpoint_config(ckpt, ckpt_path)
     if config is not None:
         log.info("sampling and speed settings from --config; the model's from the checkpoint")
         run_cfg = dataclasses.replace(run_cfg, sampling=config.sampling, fast=config.fast, eval=config.eval)

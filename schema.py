@@ -226,10 +226,9 @@ def load_config(path):
     return config_from_dict(raw, source=f"config {path}")
 
 
-# Keys added after a checkpoint format was in use: a checkpoint's config that lacks one was trained with this
-# value (the behaviour before the key existed), which is not always the default of a new config.
-LEGACY_VALUES = {("model", "ema_warmup"): False,
-                 ("optim", "lr_schedule"): "constant", ("optim", "warmup"): 0}  # before these keys: constant lr
+# Keys added after a checkpoint format was in use whose old behaviour is not their default: a checkpoint's config
+# that lacks one was trained with this value. A missing key whose default is the old behaviour needs no entry.
+LEGACY_VALUES = {("model", "ema_warmup"): False}
 
 
 def with_legacy_values(raw):
