@@ -42,6 +42,8 @@ def inpaint(args, config, device, kind):
     scfg = run_cfg.sampling
     if run_cfg.data.logit_transform:
         raise NCSNError("--inpaint works on runs in pixel space (data.logit_transform: false)")
+    if scfg.sampler != "langevin":
+        raise NCSNError("--inpaint runs annealed Langevin dynamics only: set sampling.sampler: langevin")
     names = output_paths(args.image_folder, [f"inpaint_{kind}.png"], args.overwrite)
     cpu = torch.Generator().manual_seed(derive_seed(args.seed, "inpaint"))
     generator = torch.Generator(device).manual_seed(args.seed)

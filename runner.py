@@ -1,7 +1,8 @@
 """Denoising score matching, annealed Langevin dynamics, checkpoints and the training loop of NCSN on MNIST.
 
 Read top to bottom: the method's pure functions (`dsm_loss`, eq. 5 and 6 of Song & Ermon, 2019;
-`anneal_langevin_dynamics`, their Algorithm 1), the network as the method calls it, checkpoints and resume,
+`anneal_langevin_dynamics`, their Algorithm 1; `consistent_annealed_sampling`, the optional sampler of
+Jolicoeur-Martineau et al., 2021), the network as the method calls it, checkpoints and resume,
 the training loop (`train`) and the sampling command (`sample`). A checkpoint is one dict with named keys
 holding only tensors and plain values, so it loads with torch.load(weights_only=True).
 """
@@ -34,11 +35,12 @@ RESUMABLE_CHANGES = {
     "training.n_epochs", "training.n_iters", "training.snapshot_freq", "training.test_freq", "training.log_freq",
     "training.keep_snapshots", "data.root", "model.ema_warmup",
     "sampling.n_steps_each", "sampling.step_lr", "sampling.n_samples", "sampling.batch_size", "sampling.n_frames",
-    "sampling.denoise", "sampling.ema", "sampling.init", "sampling.guidance_scale",
+    "sampling.denoise", "sampling.ema", "sampling.init", "sampling.guidance_scale", "sampling.sampler",
     "fast.bf16", "fast.fast_kernels", "fast.fused_adam", "fast.channels_last", "fast.tf32", "fast.cudnn_benchmark",
     "fast.compile",
     "eval.n_samples", "eval.n_samples_cpu", "eval.every_snapshots", "eval.n_training", "eval.loss_images",
     "eval.loss_images_cpu"}
+CAS_TOLERANCE = 1e-6  # relative slack of consistent sampling's step_lr bounds, for sigmas stored in float32
 EMA_WARMUP_STEPS = 10  # the warm-up decay (1 + t) / (EMA_WARMUP_STEPS + t): 0.1 at t = 0, 0.99 at t = 890
 
 
@@ -108,6 +110,71 @@ def anneal_langevin_dynamics(score_fn, x, sigmas, n_steps_each, step_lr, generat
         if inpaint:
             x = torch.where(mask, known, x)
     return x
+
+
+def consistent_annealed_sampling(score_fn, x, sigmas, step_lr, generator=None, callback=None, denoise=False):
+    """Consistent annealed sampling (CAS), Algorithm 2 of Jolicoeur-Martineau et al. (2021), "Adversarial score
+    matching and improved sampling for image generation".
+
+    One step per level, from sigma_1 down to sigma_L, sized so that a sample carrying Gaussian noise of sigma_i
+    carries exactly sigma_{i+1} after it (Algorithm 1 with several steps a level does not: its noise at the end
+    of a level depends on step_lr and n_steps_each):
+        eta = step_lr / sigma_L^2,   alpha_i = eta sigma_i^2   (the step size of Algorithm 1 at level i)
+        x <- x + alpha_i s(x, i) + beta_i sigma_{i+1} z,   beta_i = sqrt(1 - (1 - eta)^2 sigma_i^2 / sigma_{i+1}^2)
+    (with s = -(x - x_0) / sigma_i^2 the step keeps (1 - eta) sigma_i of the noise; the fresh noise makes up the
+    rest of sigma_{i+1}; for a geometric sequence sigma_i / sigma_{i+1} is the paper's gamma). The chain ends at
+    sigma_L after L - 1 steps (network evaluations). score_fn(x, labels) is the score at levels[labels];
+    callback(i, 0, x) is called after the step into level i. denoise: as in anneal_langevin_dynamics.
+    It needs 1 - sigma_{i+1} / sigma_i <= eta <= 1 at every step (consistent_eta).
+    """
+    sigmas = [float(s) for s in sigmas]
+    eta = consistent_eta(sigmas, step_lr)
+    with torch.inference_mode():
+        for i, (sigma, sigma_next) in enumerate(zip(sigmas, sigmas[1:])):
+            labels = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)  # (B,)
+            beta = math.sqrt(max(0.0, 1 - (1 - eta) ** 2 * (sigma / sigma_next) ** 2))
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + eta * sigma ** 2 * score_fn(x, labels).to(x.dtype) + beta * sigma_next * z
+            if callback is not None:
+                callback(i + 1, 0, x)
+        if denoise:
+            labels = torch.full((x.shape[0],), len(sigmas) - 1, dtype=torch.long, device=x.device)  # (B,)
+            x = x + sigmas[-1] ** 2 * score_fn(x, labels).to(x.dtype)
+    return x
+
+
+def consistent_eta(sigmas, step_lr):
+    """CAS's eta = step_lr / sigma_L^2 for the levels `sigmas`, or a one-line error naming step_lr when a step
+    cannot keep the noise consistent: it needs 1 - sigma_{i+1} / sigma_i <= eta <= 1 at every level."""
+    sigmas = [float(s) for s in sigmas]
+    eta = step_lr / sigmas[-1] ** 2
+    lowest = max([1 - b / a for a, b in zip(sigmas, sigmas[1:])], default=0.0)
+    if not lowest * (1 - CAS_TOLERANCE) <= eta <= 1 + CAS_TOLERANCE:  # float32 sigmas: allow rounding
+        raise NCSNError(f"sampling.step_lr {step_lr:g} is outside what consistent sampling over these levels allows: "
+                        f"step_lr / sigma_L^2 must lie in [{lowest:.4g}, 1], i.e. step_lr in "
+                        f"[{lowest * sigmas[-1] ** 2:.3g}, {sigmas[-1] ** 2:.3g}]")
+    return eta
+
+
+def consistent_levels(sigmas, n_steps_each):
+    """The levels CAS walks for a network trained at `sigmas` (L,): the geometric sequence from sigma_1 to
+    sigma_L with n_steps_each steps between neighbouring sigma_i, (L - 1) n_steps_each + 1 levels that contain
+    every sigma_i. So CAS takes (L - 1) n_steps_each steps, about the L n_steps_each of Algorithm 1."""
+    n = (len(sigmas) - 1) * n_steps_each + 1
+    return get_sigmas(float(sigmas[0]), float(sigmas[-1]), n).to(sigmas.device)  # (n,)
+
+
+def score_between_levels(score_fn, sigmas, levels):
+    """The score at each of `levels` from a network that knows only the trained `sigmas`: the trained level i
+    nearest in log sigma and its denoised estimate D(x) = x + sigma_i^2 s(x, i) (Tweedie's formula), held for
+    level j: s(x, levels_j) = (D(x) - x) / levels_j^2 = s(x, i) sigma_i^2 / levels_j^2. Exact at the trained
+    levels, and wherever D does not depend on the noise level (a point mass). Returns score(x, j), j (B,)."""
+    nearest = (levels.log()[:, None] - sigmas.log()[None, :]).abs().argmin(1)  # (n,) index into sigmas
+    scale = (sigmas[nearest] / levels) ** 2  # (n,)
+
+    def score(x, j):  # x (B, 1, 28, 28), j (B,)
+        return score_fn(x, nearest[j]) * scale[j].view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    return score
 
 
 def learning_rate(step, optim, n_total):
@@ -582,8 +649,10 @@ def load_trained(ckpt_path, config, device, seed):
     load_model_state(model, ckpt["ema"] if use_ema else ckpt["model"], ckpt_path)
     compile_model(model.eval(), run_cfg)
     sigmas = get_sigmas(run_cfg.model.sigma_begin, run_cfg.model.sigma_end, run_cfg.model.num_classes).to(device)
-    log.info("model of step %d%s; %d levels x %d steps, step_lr %g%s, seed %d", ckpt["step"],
-             " (EMA weights)" if use_ema else "", len(sigmas), run_cfg.sampling.n_steps_each,
+    if run_cfg.sampling.sampler == "consistent":  # a step_lr CAS cannot use fails here, before anything is written
+        consistent_eta(consistent_levels(sigmas, run_cfg.sampling.n_steps_each), run_cfg.sampling.step_lr)
+    log.info("model of step %d%s; %s sampling, %d levels x %d steps, step_lr %g%s, seed %d", ckpt["step"],
+             " (EMA weights)" if use_ema else "", run_cfg.sampling.sampler, len(sigmas), run_cfg.sampling.n_steps_each,
              run_cfg.sampling.step_lr, ", final denoising step" if run_cfg.sampling.denoise else "", seed)
     return run_cfg, make_score_fn(model, run_cfg, device, sigmas), sigmas, ckpt["step"]
 
@@ -619,10 +688,23 @@ def draw_samples(score_fn, sigmas, config, n, generator, device, callback=None, 
     for b in range(0, n, scfg.batch_size):
         x0 = initial_samples(config, sigmas, min(scfg.batch_size, n - b), generator, device)
         fn = score_fn if score_for_batch is None else score_for_batch(b, b + len(x0))
-        batches.append(anneal_langevin_dynamics(fn, x0, sigmas, scfg.n_steps_each, scfg.step_lr, generator,
-                                                callback=callback if b == 0 else None,
-                                                denoise=scfg.denoise).cpu())
+        batches.append(run_sampler(fn, x0, sigmas, scfg, generator, callback if b == 0 else None).cpu())
     return torch.cat(batches)
+
+
+def run_sampler(score_fn, x0, sigmas, scfg, generator, callback=None):
+    """The chain of sampling.sampler from x0: Algorithm 1 (langevin) or CAS over consistent_levels (consistent)."""
+    if scfg.sampler == "consistent":
+        levels = consistent_levels(sigmas, scfg.n_steps_each)
+        return consistent_annealed_sampling(score_between_levels(score_fn, sigmas, levels), x0, levels, scfg.step_lr,
+                                            generator, callback=callback, denoise=scfg.denoise)
+    return anneal_langevin_dynamics(score_fn, x0, sigmas, scfg.n_steps_each, scfg.step_lr, generator,
+                                    callback=callback, denoise=scfg.denoise)
+
+
+def sampler_steps(scfg, n_levels):
+    """Network evaluations of one chain of sampling.sampler, without the final denoising step."""
+    return (n_levels - 1 if scfg.sampler == "consistent" else n_levels) * scfg.n_steps_each
 
 
 def sample(args, config, device, guide=None):
@@ -635,7 +717,7 @@ def sample(args, config, device, guide=None):
     score_for_batch, nrow = guide(run_cfg, score_fn, sigmas) if guide is not None else (None, None)
     scfg = run_cfg.sampling
     names = output_paths(args.image_folder, ["samples.png", "samples.pt", "movie.gif"], args.overwrite)
-    total = len(sigmas) * scfg.n_steps_each
+    total = sampler_steps(scfg, len(sigmas))
     frame_steps = set(np.linspace(1, total, min(scfg.n_frames, total)).round().astype(int).tolist())
     n_grid = min(scfg.n_samples, scfg.batch_size, 100)
     frames, counter = [], [0]

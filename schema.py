@@ -61,6 +61,7 @@ class Optim:
 
 LR_SCHEDULES = ("constant", "cosine")  # optim.lr_schedule (runner.learning_rate)
 SAMPLING_INITS = ("uniform", "gaussian")  # sampling.init: the chain's start (runner.initial_samples)
+SAMPLERS = ("langevin", "consistent")  # sampling.sampler (runner.run_sampler)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,8 @@ class Sampling:
     ema: bool = True  # sample, score and compute the test loss with the EMA weights when the run keeps them
     init: str = "uniform"  # the chain's start: U[0, 1] (the paper) or gaussian: MNIST's mean pixel + sigma_1 z. A config
     # without the key (the authors' checkpoints) starts as the paper does; config.yml sets gaussian (README)
+    sampler: str = "langevin"  # langevin: annealed Langevin dynamics (Algorithm 1). consistent: consistent annealed
+    # sampling (Jolicoeur-Martineau et al., 2021), one step a level over (L - 1) n_steps_each + 1 levels
     guidance_scale: float = 0.0  # w of --sample --digit: s + w grad log p(y | x, sigma_i) (guidance.py); 0 = off
 
 
@@ -139,6 +142,7 @@ RULES = [  # (key, test, what it must be): checked once, after the types
     ("sampling.batch_size", lambda v: v >= 1, ">= 1"),
     ("sampling.n_frames", lambda v: v >= 1, ">= 1"),
     ("sampling.init", lambda v: v in SAMPLING_INITS, " or ".join(SAMPLING_INITS)),
+    ("sampling.sampler", lambda v: v in SAMPLERS, " or ".join(SAMPLERS)),
     ("sampling.guidance_scale", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("model.ema_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("eval.n_samples", lambda v: v >= 2, ">= 2"),

@@ -17,7 +17,7 @@ def test_the_shipped_config_has_the_published_settings():
     assert (c.optim.optimizer, c.optim.lr, c.optim.beta1, c.optim.weight_decay, c.optim.amsgrad) == \
         ("Adam", 0.001, 0.9, 0.0, False)
     assert (c.optim.lr_schedule, c.optim.warmup) == ("constant", 0)
-    assert (c.sampling.n_steps_each, c.sampling.step_lr) == (100, 0.00002)
+    assert (c.sampling.n_steps_each, c.sampling.step_lr, c.sampling.sampler) == (100, 0.00002, "langevin")
     # the one departure: the chain starts at MNIST's mean + sigma_1 z, not U[0, 1] (README, white samples)
     assert c.sampling.init == "gaussian"
 
@@ -46,6 +46,7 @@ BAD = [  # (override, words the message must hold)
     ({"data.dataset": "CIFAR10"}, "data.dataset: must be MNIST"),
     ({"optim.lr_schedule": "linear"}, "optim.lr_schedule: must be constant or cosine"),
     ({"optim.warmup": -1}, "optim.warmup: must be >= 0"),
+    ({"sampling.sampler": "euler"}, "sampling.sampler: must be langevin or consistent"),
 ]
 
 

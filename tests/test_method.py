@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from runner import anneal_langevin_dynamics, dsm_loss, get_sigmas
+from common import NCSNError
+from runner import (anneal_langevin_dynamics, consistent_annealed_sampling, consistent_levels, dsm_loss, get_sigmas,
+                    score_between_levels)
 
 
 def test_sigmas_are_geometric_from_begin_to_end():
@@ -92,3 +94,55 @@ def test_langevin_step_sizes_callback_and_generator():
     anneal_langevin_dynamics(lambda x, y: labels_seen.update(y.tolist()) or torch.zeros_like(x), x0, sigmas, 1,
                              1e-3, torch.Generator().manual_seed(5))
     assert labels_seen == {0, 1}
+
+
+def test_levels_between_the_trained_ones_contain_them_and_are_geometric():
+    sigmas = get_sigmas(1.0, 0.01, 4)
+    levels = consistent_levels(sigmas, 3)
+    assert levels.shape == (10,)
+    torch.testing.assert_close(levels[::3], sigmas)
+    torch.testing.assert_close(levels[1:] / levels[:-1], torch.full((9,), 0.01 ** (1 / 9)))
+
+
+def test_score_between_levels_holds_the_denoised_estimate_of_the_nearest_level():
+    # for a point mass at mu the denoised estimate is mu at every level, so the score it gives is exact everywhere;
+    # for N(mu, s0^2) it is exact at the trained levels and, between them, the nearest level's D(x) = x + sigma_i^2 s
+    mu, sigmas = 0.4, get_sigmas(1.0, 0.01, 4)
+    levels = consistent_levels(sigmas, 3)
+    x = torch.rand(len(levels), 1, 3, 3)
+    j = torch.arange(len(levels))
+    point = score_between_levels(gaussian_score(mu, 0.0, sigmas), sigmas, levels)
+    torch.testing.assert_close(point(x, j), gaussian_score(mu, 0.0, levels)(x, j))
+    spread = score_between_levels(gaussian_score(mu, 0.3, sigmas), sigmas, levels)
+    torch.testing.assert_close(spread(x, j)[::3], gaussian_score(mu, 0.3, sigmas)(x[::3], j[::3] // 3))
+    nearest = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 3, 3])  # by log sigma: a third of the way rounds down
+    expected = gaussian_score(mu, 0.3, sigmas)(x, nearest) * (sigmas[nearest] / levels).view(-1, 1, 1, 1) ** 2
+    torch.testing.assert_close(spread(x, j), expected)
+
+
+@pytest.mark.parametrize("step_lr", [2e-5, 1e-4])  # eta = step_lr / sigma_L^2 = 0.2 and 1 (the whole noise renewed)
+def test_consistent_sampling_carries_exactly_the_next_levels_noise(step_lr):
+    # Gaussian noise around a point mass, with the exact score: after the step into level i the noise has std
+    # levels[i] (Algorithm 2's consistency), whatever eta is; the chain ends at sigma_L, then Tweedie's step gives mu
+    mu, sigmas = 0.3, get_sigmas(1.0, 0.01, 4)
+    levels = consistent_levels(sigmas, 10)  # ratio 1.166 a level: eta >= 0.142
+    g = torch.Generator().manual_seed(0)
+    x0 = mu + levels[0] * torch.randn(1000, 1, 6, 6, generator=g)
+    seen = {}
+    score = score_between_levels(gaussian_score(mu, 0.0, sigmas), sigmas, levels)
+    x = consistent_annealed_sampling(score, x0, levels, step_lr, g, callback=lambda i, t, x: seen.update({i: x.std()}))
+    assert sorted(seen) == list(range(1, len(levels)))
+    for i, std in seen.items():
+        assert std.item() == pytest.approx(levels[i].item(), rel=0.02), i
+    assert (x - mu).std().item() == pytest.approx(0.01, rel=0.02)
+    assert (x - mu).mean().abs().item() < 0.001
+    denoised = consistent_annealed_sampling(score, x0, levels, step_lr, torch.Generator().manual_seed(0), denoise=True)
+    torch.testing.assert_close(denoised, torch.full_like(x0, mu))
+
+
+def test_consistent_sampling_names_a_step_it_cannot_take():
+    sigmas = get_sigmas(1.0, 0.01, 4)  # ratio 4.64 a level: eta must be >= 1 - 1 / 4.64 = 0.78
+    for step_lr in (5e-5, 1.5e-4):
+        with pytest.raises(NCSNError, match="sampling.step_lr") as e:
+            consistent_annealed_sampling(gaussian_score(0.0, 0.0, sigmas), torch.zeros(2, 1, 2, 2), sigmas, step_lr)
+        assert "\n" not in str(e.value)

@@ -1,7 +1,6 @@
-"""The NCSNv2 switches: EMA, the noise-design rules, the final denoising step, inpainting."""
+"""The NCSNv2 switches: EMA, the noise-design rules, the final denoising step, inpainting; and consistent sampling."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from scipy.spatial.distance import pdist
@@ -218,3 +217,29 @@ def test_langevin_step_rule_on_the_real_sampler():
     for k in (1 / 1.5, 1.5):  # the rule's step is the best one, also against nearer ones
         other = variance_ratio(step_lr * k)
         assert abs(other - 1) > abs(best - 1), f"step_lr x {k:.3g}: ratio {other:.4f}, the rule's {best:.4f}"
+
+
+def test_consistent_sampler_through_sample_and_its_refusals(tmp_path, fake_mnist, capfd):
+    cfg = tiny_config(fake_mnist, **{"training.n_iters": 2})
+    run = ["--run", str(tmp_path / "run")]
+    assert main.main([*CPU, "--config", write_config(tmp_path / "c.yml", cfg), *run, "--doc", "c"]) == 0
+    cas = {**cfg, "sampling": {**cfg["sampling"], "sampler": "consistent", "step_lr": 8e-5, "n_frames": 3}}
+    path = write_config(tmp_path / "cas.yml", cas)
+    assert main.main([*CPU, "--config", path, *run, "--doc", "c", "--sample", "-o", str(tmp_path / "cas")]) == 0
+    samples = torch.load(tmp_path / "cas" / "samples.pt", weights_only=True)
+    assert samples.shape == (4, 1, 28, 28) and torch.isfinite(samples).all()
+    from PIL import Image
+    assert Image.open(tmp_path / "cas" / "movie.gif").n_frames == 3  # of its (4 - 1) x 2 steps, the last included
+    # it is its own chain: the same seed under Algorithm 1 draws other samples
+    lang = write_config(tmp_path / "lang.yml", {**cas, "sampling": {**cas["sampling"], "sampler": "langevin"}})
+    assert main.main([*CPU, "--config", lang, *run, "--doc", "c", "--sample", "-o", str(tmp_path / "lang")]) == 0
+    assert not torch.equal(torch.load(tmp_path / "lang" / "samples.pt", weights_only=True), samples)
+    # a step it cannot take (eta = 2e-5 / 0.01^2 = 0.2, below 1 - 1 / 2.15) and --inpaint: one line, nothing written
+    small = write_config(tmp_path / "small.yml", {**cas, "sampling": {**cas["sampling"], "step_lr": 2e-5}})
+    capfd.readouterr()
+    assert main.main([*CPU, "--config", small, *run, "--doc", "c", "--sample", "-o", str(tmp_path / "small")]) == 1
+    assert not (tmp_path / "small").exists()
+    assert "sampling.step_lr 2e-05 is outside" in capfd.readouterr().err
+    assert main.main([*CPU, "--config", path, *run, "--doc", "c", "--inpaint", "square", "-o", str(tmp_path / "i")]) == 1
+    assert not (tmp_path / "i").exists()
+    assert "--inpaint runs annealed Langevin dynamics only" in capfd.readouterr().err
