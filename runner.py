@@ -123,7 +123,7 @@ def consistent_annealed_sampling(score_fn, x, sigmas, step_lr, generator=None, c
         x <- x + alpha_i s(x, i) + beta_i sigma_{i+1} z,   beta_i = sqrt(1 - (1 - eta)^2 sigma_i^2 / sigma_{i+1}^2)
     (with s = -(x - x_0) / sigma_i^2 the step keeps (1 - eta) sigma_i of the noise; the fresh noise makes up the
     rest of sigma_{i+1}; for a geometric sequence sigma_i / sigma_{i+1} is the paper's gamma). The chain ends at
-    sigma_L after L - 1 steps (network evaluations). score_fn(x, labels) is the score at levels[labels];
+    sigma_L after L - 1 steps (network evaluations). score_fn(x, labels) is the score at sigmas[labels];
     callback(i, 0, x) is called after the step into level i. denoise: as in anneal_langevin_dynamics.
     It needs 1 - sigma_{i+1} / sigma_i <= eta <= 1 at every step (consistent_eta).
     """
@@ -680,7 +680,7 @@ def initial_samples(config, sigmas, n, generator, device):
 
 
 def draw_samples(score_fn, sigmas, config, n, generator, device, callback=None, score_for_batch=None):
-    """n samples by annealed Langevin dynamics from `initial_samples`, in batches of sampling.batch_size;
+    """n samples by sampling.sampler (run_sampler) from `initial_samples`, in batches of sampling.batch_size;
     `callback` sees the first batch only. Returns the raw final tensor (n, 1, 28, 28) on the CPU.
     score_for_batch(start, stop), when given, is the score function of samples start..stop in place of
     score_fn (class-conditional sampling gives each batch its own digits: guidance.py)."""
@@ -702,13 +702,15 @@ def run_sampler(score_fn, x0, sigmas, scfg, generator, callback=None):
                                     callback=callback, denoise=scfg.denoise)
 
 
-def sampler_steps(scfg, n_levels):
+def sampler_steps(scfg, sigmas):
     """Network evaluations of one chain of sampling.sampler, without the final denoising step."""
-    return (n_levels - 1 if scfg.sampler == "consistent" else n_levels) * scfg.n_steps_each
+    if scfg.sampler == "consistent":
+        return len(consistent_levels(sigmas, scfg.n_steps_each)) - 1  # one step into each level after the first
+    return len(sigmas) * scfg.n_steps_each
 
 
 def sample(args, config, device, guide=None):
-    """--sample: annealed Langevin dynamics from sampling.init noise with the run's checkpoint; writes into -o
+    """--sample: the chain of sampling.sampler from sampling.init noise with the run's checkpoint; writes into -o
     samples.png (grid), samples.pt (raw final tensor) and movie.gif (the trajectory).
     guide(run config, score_fn, sigmas) -> (score_for_batch, grid row length or None), when given, steers the
     samples (--digit: guidance.digit_guide); it is called before anything is written."""
@@ -717,7 +719,7 @@ def sample(args, config, device, guide=None):
     score_for_batch, nrow = guide(run_cfg, score_fn, sigmas) if guide is not None else (None, None)
     scfg = run_cfg.sampling
     names = output_paths(args.image_folder, ["samples.png", "samples.pt", "movie.gif"], args.overwrite)
-    total = sampler_steps(scfg, len(sigmas))
+    total = sampler_steps(scfg, sigmas)
     frame_steps = set(np.linspace(1, total, min(scfg.n_frames, total)).round().astype(int).tolist())
     n_grid = min(scfg.n_samples, scfg.batch_size, 100)
     frames, counter = [], [0]
