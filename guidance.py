@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from common import NCSNError
 from data import MNIST_FILES, data_space, dequantize, load_mnist, load_mnist_labels
-from metrics import FALLBACK_CACHE, _writable, fit_classifier, random_shift, write_cache
+from metrics import FALLBACK_CACHE, cache_places, fit_classifier, random_shift, write_cache
 
 log = logging.getLogger("ncsn")
 
@@ -230,10 +230,9 @@ def get_guidance_classifier(config, sigmas, device, cache_dir=None):
     logit = config.data.logit_transform
     name, fingerprint = cache_name(sigmas, logit), guidance_fingerprint(sigmas, logit)
     folder = os.path.join(config.data.root, "MNIST")
-    primary = os.path.join(folder, name)
-    fallback = os.path.join(cache_dir or os.path.dirname(FALLBACK_CACHE), name)
-    read_only = os.path.isdir(folder) and not _writable(folder)
-    for path in [primary] + ([fallback] if read_only else []):
+    reads, target = cache_places(config.data.root, name,
+                                 os.path.join(cache_dir or os.path.dirname(FALLBACK_CACHE), name))
+    for path in reads:
         model = _load_cached(path, fingerprint, device) if os.path.isfile(path) else None
         if model is not None:
             return model.requires_grad_(False)
@@ -245,7 +244,6 @@ def get_guidance_classifier(config, sigmas, device, cache_dir=None):
     s = TRAIN_SETTINGS
     train_u8, test_u8 = load_mnist(config.data.root, train=True), load_mnist(config.data.root, train=False)
     train_y, test_y = load_mnist_labels(config.data.root, True), load_mnist_labels(config.data.root, False)
-    target = fallback if read_only else primary
     log.info("training the guidance classifier for %d noise levels (%d epochs on the CPU), to cache in %s",
              len(sigmas), s["epochs"], target)
     t0 = time.time()
@@ -333,15 +331,15 @@ def digit_guide(args, device):
 def main(argv=None):
     """python guidance.py --doc NAME: train (or load) the guidance classifier of run NAME's noise levels and
     print its test accuracy per level; --sample --digit would otherwise train it on first use."""
-    import main as cli
     from common import Run
+    from progress import setup_logging
     from runner import checkpoint_config, get_sigmas, load_checkpoint
 
     p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     p.add_argument("--run", default="run", help="output root of the run")
     p.add_argument("--doc", required=True, help="the run whose noise levels the classifier is for")
     args = p.parse_args(argv)
-    cli.setup_logging("info")
+    setup_logging("info")
     try:
         run = Run(args.run, args.doc)
         config = checkpoint_config(load_checkpoint(run.ckpt_path), run.ckpt_path)

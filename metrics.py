@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import NCSNError, atomic_torch_save
+from progress import Progress
 from data import load_mnist, load_mnist_labels
 
 logger = logging.getLogger("ncsn")
@@ -129,7 +130,8 @@ def train_classifier(train_u8, train_labels, test_u8, test_labels, seed=0, log=N
         say(f"classifier epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}, {time.time() - t0:.0f} s")
 
     t0 = time.time()
-    fit_classifier(model, len(train_u8), batch_loss, g, epochs, batch_size, lr, max_steps, on_epoch=on_epoch)
+    fit_classifier(model, len(train_u8), batch_loss, g, epochs, batch_size, lr, max_steps, on_epoch=on_epoch,
+                   desc="digit classifier")
     model.eval()
     accuracy = classifier_accuracy(model, test_u8, test_labels.long())
     say(f"classifier trained in {time.time() - t0:.1f} s on {len(train_u8)} images: test accuracy "
@@ -141,14 +143,13 @@ def fit_classifier(model, n, batch_loss, generator, epochs, batch_size, lr, max_
                    desc=None):
     """Minimise batch_loss(indices (B,)) -> loss over `epochs` passes through n examples in random batches of
     `batch_size` (their order from `generator`), with Adam and the lr decayed to 0 on a cosine. `max_steps`
-    cuts training short (tests), on_epoch(epoch, last loss) is called after each pass, and `desc` names a tqdm
-    progress bar (None: no bar). Returns the number of steps; the model is left in training mode."""
+    cuts training short (tests), on_epoch(epoch, last loss) is called after each pass, and `desc` names its
+    progress (progress.Progress; None: none). Returns the number of steps; the model is left in training mode."""
     steps_per_epoch = -(-n // batch_size)
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + np.cos(np.pi * s / total)))
-    from tqdm import tqdm
-    bar = tqdm(total=total, desc=desc, disable=None if desc else True)
+    bar = Progress(total, desc or "", "steps", enabled=desc is not None)
     step = 0
     model.train()
     for epoch in range(epochs):
@@ -192,6 +193,17 @@ def _writable(folder):
     return stat.S_ISDIR(mode) and bool(mode & 0o222) and os.access(folder, os.W_OK | os.X_OK)
 
 
+def cache_places(data_root, name, fallback):
+    """Where a classifier cache called `name` is read (in this order) and written: <data_root>/MNIST/<name>,
+    beside the data; and the file `fallback` instead where that folder exists and is read-only (a shared data
+    folder). Returns (paths to read, path to write)."""
+    folder = os.path.join(data_root, "MNIST")
+    primary = os.path.join(folder, name)
+    if os.path.isdir(folder) and not _writable(folder):
+        return [primary, fallback], fallback
+    return [primary], primary
+
+
 def read_cache(path):
     """The cache dict at `path` (torch.load with weights_only=True); a one-line NCSNError if unreadable."""
     try:
@@ -230,14 +242,9 @@ def get_classifier(data_root, device, cache_path=None):
     A cache made by other code (fingerprint) is retrained and overwritten; an unreadable one raises NCSNError.
     Training runs on the CPU so that every machine caches the same, reproducible classifier.
     """
-    folder = os.path.join(data_root, "MNIST")
-    primary, fallback = os.path.join(folder, CACHE_NAME), cache_path or FALLBACK_CACHE
-    if os.path.isfile(primary):
-        model = _load_cached(primary, device)
-        if model is not None:
-            return model
-    if os.path.isdir(folder) and not _writable(folder) and os.path.isfile(fallback):
-        model = _load_cached(fallback, device)
+    reads, target = cache_places(data_root, CACHE_NAME, cache_path or FALLBACK_CACHE)
+    for path in reads:
+        model = _load_cached(path, device) if os.path.isfile(path) else None
         if model is not None:
             return model
 
@@ -245,10 +252,8 @@ def get_classifier(data_root, device, cache_path=None):
     train_u8 = load_mnist(data_root, train=True)  # (N, 28, 28) uint8; downloads into <root>/MNIST
     test_u8 = load_mnist(data_root, train=False)  # (N_test, 28, 28) uint8
     train_y, test_y = load_mnist_labels(data_root, True), load_mnist_labels(data_root, False)
-    target = primary
-    if not _writable(folder):
-        target = fallback
-        logger.info("%s is not writable: caching the classifier in %s", folder, target)
+    if target != reads[0]:
+        logger.info("%s is not writable: caching the classifier in %s", os.path.dirname(reads[0]), target)
     logger.info("training the digit classifier for FID and IS (%d epochs on the CPU)", s["epochs"])
     t0 = time.time()
     model, accuracy = train_classifier(train_u8, train_y, test_u8, test_y, seed=s["seed"], epochs=s["epochs"],
