@@ -138,7 +138,7 @@ def our_config(theirs, channels, ngf, n_levels, source):
                   "num_classes": n_levels, "ngf": ngf},
         "optim": {"optimizer": "Adam", "lr": float(o["lr"]), "beta1": float(o["beta1"]),
                   "weight_decay": float(o["weight_decay"]), "amsgrad": bool(o["amsgrad"])},
-        "sampling": dict(PAPER_SAMPLING),
+        "sampling": {**PAPER_SAMPLING, "init": "uniform"},  # the paper's start
         "fast": {"bf16": False, "fast_kernels": False, "fused_adam": False, "channels_last": False},
     }
 

@@ -34,6 +34,7 @@ STREAM = {  # what a derived stream is for -> its offset
     "training_metrics": 49_979_687,  # + step: the samples scored during training
     "resume_other_device": 67_867_967,  # + step: the training stream after a resume on another device type
     "inpaint": 86_028_121,  # the test digits, masks and noise of --inpaint
+    "snapshot_grid": 104_395_301,  # + step: the samples of training.snapshot_grid
 }
 
 
@@ -83,6 +84,23 @@ def numbered_snapshots(log_dir):
     """[(step, file name)] of the checkpoint_<step>.pth files in log_dir, oldest first."""
     found = ((snapshot_step(f), f) for f in os.listdir(log_dir))
     return sorted((step, f) for step, f in found if step is not None)
+
+
+def chosen_checkpoint(run, ckpt=None):
+    """The checkpoint file of --ckpt: None -> the run's checkpoint.pth; a step -> its checkpoint_<step>.pth (a
+    one-line NCSNError listing the run's snapshots when it has none of that step); anything else a file path."""
+    if ckpt is None:
+        return run.ckpt_path
+    if not ckpt.isdigit():
+        if not os.path.isfile(ckpt):
+            raise NCSNError(f"--ckpt {ckpt}: no such checkpoint file (give a step of run {run.doc} or a file)")
+        return ckpt
+    path = os.path.join(run.log_dir, snapshot_name(int(ckpt)))
+    if not os.path.isfile(path):
+        steps = [str(step) for step, _ in numbered_snapshots(run.log_dir)] if os.path.isdir(run.log_dir) else []
+        raise NCSNError(f"--ckpt {ckpt}: run {run.doc} has no {snapshot_name(int(ckpt))}; its snapshots are at steps "
+                        f"{', '.join(steps) or '(none)'}" + (f" (e.g. --ckpt {steps[-1]})" if steps else ""))
+    return path
 
 
 def read_scalars(tb_dir):

@@ -11,7 +11,8 @@ import time
 import torch
 
 import metrics
-from common import Run, derive_seed
+from common import Run, chosen_checkpoint, derive_seed
+from progress import Progress
 from data import data_space, dequantize, load_mnist
 from runner import draw_samples, dsm_loss, load_trained, make_score_fn, sampling_generator
 
@@ -23,18 +24,22 @@ NEAREST_GRID = 50  # nearest.png shows this many samples (the closest to the tra
 NEAREST_PAIRS_A_ROW = 5  # ... as (sample, nearest training image) pairs, this many a row
 
 
-def test_loss_per_level(score_fn, to_model, test_u8, sigmas, anneal_power, seed, batch_size=LOSS_BATCH):
-    """The DSM loss (eq. 6) of the test images at each noise level separately: a list of L floats."""
-    out = []
-    for i in range(len(sigmas)):
-        g = torch.Generator(test_u8.device).manual_seed(derive_seed(seed, "test_level", i))
-        total = 0.0
-        with torch.no_grad():
-            for b in range(0, len(test_u8), batch_size):
-                x = to_model(dequantize(test_u8[b:b + batch_size], g))
-                labels = torch.full((len(x),), i, dtype=torch.long, device=x.device)
-                total += float(dsm_loss(score_fn, x, sigmas, g, labels=labels, anneal_power=anneal_power)[0].sum())
-        out.append(total / len(test_u8))
+def test_loss_per_level(score_fn, to_model, test_u8, sigmas, anneal_power, seed, batch_size=LOSS_BATCH, desc=None):
+    """The DSM loss (eq. 6) of the test images at each noise level separately: a list of L floats. With `desc`,
+    progress in batches under that name."""
+    out, n_batches = [], -(-len(test_u8) // batch_size)
+    with Progress(len(sigmas) * n_batches, desc or "", "batches", enabled=desc is not None) as progress:
+        for i in range(len(sigmas)):
+            g = torch.Generator(test_u8.device).manual_seed(derive_seed(seed, "test_level", i))
+            total = 0.0
+            with torch.no_grad():
+                for b in range(0, len(test_u8), batch_size):
+                    x = to_model(dequantize(test_u8[b:b + batch_size], g))
+                    labels = torch.full((len(x),), i, dtype=torch.long, device=x.device)
+                    total += float(dsm_loss(score_fn, x, sigmas, g, labels=labels,
+                                            anneal_power=anneal_power)[0].sum())
+                    progress.update(1)
+            out.append(total / len(test_u8))
     return out
 
 
@@ -64,7 +69,7 @@ def evaluate(args, config, device):
     samples of the run's checkpoint against the MNIST test set, and the DSM loss of the test images at each
     noise level; appended to metrics.json and written to TensorBoard at the checkpoint's step."""
     run, device = Run.from_args(args), torch.device(device)
-    run_cfg, score_fn, sigmas, step = load_trained(run.ckpt_path, config, device, args.seed)
+    run_cfg, score_fn, sigmas, step = load_trained(chosen_checkpoint(run, args.ckpt), config, device, args.seed)
     n = run_cfg.eval.n_samples_cpu if device.type == "cpu" else run_cfg.eval.n_samples  # GPU or MPS: the full count
     test_u8 = load_mnist(run_cfg.data.root, train=False).to(device)
     classifier = metrics.get_classifier(run_cfg.data.root, device)
@@ -72,13 +77,13 @@ def evaluate(args, config, device):
     t0 = time.time()
     lo, hi = run.shard(n)
     samples = run.gather(draw_samples(score_fn, sigmas, run_cfg, hi - lo, sampling_generator(run, device, args.seed),
-                                      device))
+                                      device, desc="eval: sampling" if run.rank == 0 else None))
     seconds = time.time() - t0
     to_model, to_image = data_space(run_cfg)
     result = metrics.sample_metrics(to_image(samples), classifier, reference)
     n_loss = run_cfg.eval.loss_images_cpu if device.type == "cpu" else run_cfg.eval.loss_images
     levels = test_loss_per_level(score_fn, to_model, test_u8[:n_loss], sigmas, run_cfg.training.anneal_power,
-                                 args.seed)
+                                 args.seed, desc="eval: test loss per level")
     record = {"step": step, "fid": result["fid"], "inception_score": result["inception_score"],
               "mean_confidence": result["mean_confidence"], "class_shares": result["class_shares"],
               "white_share": result["white_share"], "n_samples": n, "sampling_seconds": seconds,

@@ -5,9 +5,10 @@ import time
 
 import torch
 
-from common import NCSNError, Run, derive_seed, output_paths
+from common import NCSNError, Run, chosen_checkpoint, derive_seed, output_paths
+from progress import Progress
 from data import dequantize, load_mnist
-from runner import anneal_langevin_dynamics, initial_samples, load_trained
+from runner import anneal_langevin_dynamics, initial_samples, load_trained, output_folder
 
 log = logging.getLogger("ncsn")
 MASKS = ("bottom", "right", "square", "random")
@@ -38,13 +39,13 @@ def inpaint(args, config, device, kind):
     the originals, what the sampler sees (hidden pixels grey), the completions. Every random choice (the
     digits, their dequantization, the mask, the noise) follows --seed."""
     run, device = Run.from_args(args), torch.device(device)
-    run_cfg, score_fn, sigmas, _ = load_trained(run.ckpt_path, config, device, args.seed)
+    run_cfg, score_fn, sigmas, _ = load_trained(chosen_checkpoint(run, args.ckpt), config, device, args.seed)
     scfg = run_cfg.sampling
     if run_cfg.data.logit_transform:
         raise NCSNError("--inpaint works on runs in pixel space (data.logit_transform: false)")
     if scfg.sampler != "langevin":
         raise NCSNError("--inpaint runs annealed Langevin dynamics only: set sampling.sampler: langevin")
-    names = output_paths(args.image_folder, [f"inpaint_{kind}.png"], args.overwrite)
+    names = output_paths(output_folder(args, run), [f"inpaint_{kind}.png"], args.overwrite)
     cpu = torch.Generator().manual_seed(derive_seed(args.seed, "inpaint"))
     generator = torch.Generator(device).manual_seed(args.seed)
     test_u8 = load_mnist(run_cfg.data.root, train=False)
@@ -54,8 +55,10 @@ def inpaint(args, config, device, kind):
     mask = inpainting_mask(kind, known.shape, generator, device)
     x0 = initial_samples(run_cfg, sigmas, n, generator, device)
     t0 = time.time()
-    completed = anneal_langevin_dynamics(score_fn, x0, sigmas, scfg.n_steps_each, scfg.step_lr, generator,
-                                         denoise=scfg.denoise, known=known, mask=mask)
+    with Progress(len(sigmas) * scfg.n_steps_each, "inpaint", "steps", on=device) as progress:
+        completed = anneal_langevin_dynamics(score_fn, x0, sigmas, scfg.n_steps_each, scfg.step_lr, generator,
+                                             callback=lambda i, t, x: progress.update(1), denoise=scfg.denoise,
+                                             known=known, mask=mask)
     log.info("inpainted %d digits (%s hidden) in %.1f s", n, kind, time.time() - t0)
     from torchvision.utils import save_image
     shown = torch.where(mask, known, torch.full_like(known, 0.5))

@@ -1,9 +1,12 @@
 """Command line for NCSN on MNIST: flags + YAML config -> a read-only namespace -> the runner.
 
     python main.py --config config.yml --doc mnist               # train into run/logs/mnist
-    python main.py --config config.yml --doc mnist --resume_training
-    python main.py --doc mnist --sample -o samples               # annealed Langevin dynamics
-    python main.py --doc mnist --sample --digit 7 --guidance_scale 5 -o sevens     # guidance.py
+    python main.py --doc mnist --resume_training                 # continue it, with its own config.yml
+    python main.py --doc mnist --resume_training --set training.n_iters=9000   # ... and train further
+    python main.py --doc mnist --sample                          # annealed Langevin dynamics -> run/logs/mnist/samples
+    python main.py --doc mnist --sample --ckpt 1000 -o s1000     # from checkpoint_1000.pth
+    python main.py --doc mnist --sample --digit 7 -o sevens      # classifier guidance (guidance.py)
+    python main.py --doc mnist --show_config                     # the run's config, defaults included
     python main.py --import_authors THEIR_RUN --doc authors      # the authors' checkpoint as a run of ours
 
 Exit status: 0 on success, 2 for a bad command line or config, 1 for any other error, 128 + signal
@@ -16,7 +19,8 @@ import os
 import re
 import sys
 
-from schema import ConfigError, load_config
+from progress import PROGRESS_SECONDS, setup_logging
+from schema import ConfigError, config_to_dict, load_config
 
 log = logging.getLogger("ncsn")
 COLLECTIVE_TIMEOUT_MIN = 30  # how long a rank waits at a collective under torchrun (e.g. while rank 0 trains
@@ -30,62 +34,140 @@ def parse_device(name):
     return name
 
 
+MODES = ("resume_training", "sample", "eval", "inpaint", "import_authors", "noise_design", "verify", "show_config")
+RUN_CONFIG_MODES = ("resume_training", "sample", "eval", "inpaint", "show_config")  # read the run's own config.yml
+SAMPLE_MODES = ("sample", "eval", "inpaint")  # use a trained checkpoint: --ckpt, and only these --set sections
+SAMPLE_SETTABLE = ("sampling.", "eval.", "fast.", "data.root=")  # what --set may change for SAMPLE_MODES
+
+
+def parse_device(name):
+    """--device's spelling (torch is not imported yet): auto, cpu, cuda, cuda:N or mps."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    return name
+
+
+def parse_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (and exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Noise Conditional Score Networks (Song & Ermon, 2019) on MNIST")
-    p.add_argument("--config", default=None, help="YAML config (default: config.yml; with --sample: the run's own)")
+    p = Parser(description="Noise Conditional Score Networks (Song & Ermon, 2019) on MNIST")
+    p.add_argument("--config", default=None,
+                   help="YAML config of a new run (default config.yml); other commands read the run's own "
+                        "run/logs/DOC/config.yml, and with --resume_training --config may change its resumable keys")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, dotted as in the YAML (repeatable), e.g. --set training.n_iters=4000")
     p.add_argument("--seed", type=int, default=1234, help="random seed")
     p.add_argument("--run", default="run", help="output root: logs/<doc>, tensorboard/<doc> under it")
-    p.add_argument("--doc", default="0", help="name of the run (a folder under run/logs)")
+    p.add_argument("--doc", default=None, help="name of the run (a folder under run/logs); needed by every command "
+                                               "but --noise_design")
     p.add_argument("--comment", default="", help="free text recorded in the log")
     p.add_argument("--verbose", default="info", choices=["info", "debug", "warning", "critical"],
                    help="log level; 'debug' also prints tracebacks")
+    p.add_argument("--progress", type=parse_seconds, default=PROGRESS_SECONDS, metavar="SECONDS",
+                   help=f"when stderr is not a terminal, a progress line at least this often "
+                        f"(default {PROGRESS_SECONDS:g}); on a terminal, progress bars")
     p.add_argument("--device", default="auto", type=parse_device, metavar="DEVICE",
                    help="auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N or mps; default auto")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels only (bitwise repeatable on CUDA, slower; an op without one is an error)")
-    p.add_argument("--resume_training", action="store_true", help="continue the run from its checkpoint.pth")
-    p.add_argument("--sample", "--test", dest="sample", action="store_true",
-                   help="draw samples from the run's checkpoint with annealed Langevin dynamics")
+    modes = p.add_mutually_exclusive_group()
+    modes.add_argument("--resume_training", action="store_true", help="continue the run from its newest checkpoint")
+    modes.add_argument("--sample", "--test", dest="sample", action="store_true",
+                       help="draw samples from the run's checkpoint with annealed Langevin dynamics")
+    modes.add_argument("--eval", action="store_true",
+                       help="FID and Inception-style score of the run's checkpoint, and its test loss per noise level")
+    modes.add_argument("--inpaint", choices=["bottom", "right", "square", "random"],
+                       help="complete MNIST test digits with this region hidden, using the run's checkpoint")
+    modes.add_argument("--import_authors", metavar="PATH",
+                       help="make run --doc from the authors' NCSN run folder run/logs/<doc> (or its checkpoint.pth)")
+    modes.add_argument("--noise_design", action="store_true",
+                       help="print the NCSNv2 noise levels and step size that the data and config call for")
+    modes.add_argument("--verify", action="store_true",
+                       help="check every checkpoint of the run and print one line each (step, size, ok or what is wrong)")
+    modes.add_argument("--show_config", action="store_true",
+                       help="print the resolved config (the run's, or --config's) with --set applied, defaults included")
+    p.add_argument("--ckpt", metavar="STEP|PATH",
+                   help="with --sample, --eval, --inpaint: checkpoint_STEP.pth of the run, or a checkpoint file "
+                        "(default: the run's checkpoint.pth)")
     p.add_argument("--digit", choices=[str(d) for d in range(10)] + ["all"],
                    help="with --sample: draw this digit, or one row per digit, by classifier guidance (guidance.py)")
     p.add_argument("--guidance_scale", type=float, metavar="W",
                    help="with --digit: the guidance scale w >= 0 (default: the config's sampling.guidance_scale)")
-    p.add_argument("--inpaint", choices=["bottom", "right", "square", "random"],
-                   help="complete MNIST test digits with this region hidden, using the run's checkpoint")
-    p.add_argument("--eval", action="store_true",
-                   help="FID and Inception-style score of the run's checkpoint, and its test loss per noise level")
-    p.add_argument("--noise_design", action="store_true",
-                   help="print the NCSNv2 noise levels and step size that the data and config call for")
-    p.add_argument("--import_authors", metavar="PATH",
-                   help="make run --doc from the authors' NCSN run folder run/logs/<doc> (or its checkpoint.pth)")
-    p.add_argument("-o", "--image_folder", default="images", help="where --sample and --inpaint write")
+    p.add_argument("-o", "--image_folder", default=None,
+                   help="where --sample and --inpaint write (default: run/logs/DOC/samples)")
     p.add_argument("--overwrite", action="store_true", help="let --sample replace outputs already in -o")
     args = p.parse_args(argv)
-    if args.doc in ("", ".", "..") or "/" in args.doc or "\\" in args.doc:
+    mode = next((m for m in MODES if getattr(args, m)), None)
+    if args.doc is None and mode != "noise_design" and not (mode == "show_config" and args.config):
+        p.error("--doc NAME is required: the run's folder under <run>/logs (e.g. --doc quick)")
+    if args.doc is not None and (args.doc in ("", ".", "..") or "/" in args.doc or "\\" in args.doc):
         p.error(f"--doc must be a plain folder name, got {args.doc!r}")
     if args.digit is not None and not args.sample:
         p.error("--digit goes with --sample")
     if args.guidance_scale is not None and (args.digit is None or not 0 <= args.guidance_scale < float("inf")):
         p.error(f"--guidance_scale goes with --digit and must be a number >= 0, got {args.guidance_scale}")
+    if args.ckpt is not None and mode not in SAMPLE_MODES:
+        p.error("--ckpt goes with --sample, --eval or --inpaint")
+    if args.image_folder is not None and mode not in ("sample", "inpaint"):
+        p.error("-o goes with --sample or --inpaint")
+    if mode in SAMPLE_MODES:
+        fixed = [s for s in args.set if not s.strip().startswith(SAMPLE_SETTABLE)]
+        if fixed:
+            p.error(f"--set {fixed[0]}: --{mode} takes the trained model's settings from its checkpoint; only "
+                    f"sampling.*, eval.*, fast.* and data.root may be set")
+    if mode == "verify" and args.set:
+        p.error("--set does not apply to --verify")
+    args.mode = mode
     return args
 
 
-def setup_logging(level):
-    logger = logging.getLogger("ncsn")
-    logger.setLevel(getattr(logging, level.upper()))
-    logger.propagate = False
-    for h in list(logger.handlers):  # a second call in one process (tests) starts afresh
-        logger.removeHandler(h)
-        h.close()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s - %(message)s", "%H:%M:%S"))
-    logger.addHandler(handler)
-    return logger
+def run_config_path(args):
+    return os.path.join(args.run, "logs", args.doc, "config.yml")
+
+
+def resolve_config(args):
+    """The one config of this command, validated once (or None where the checkpoint's own is used): a new run's
+    --config (default config.yml); for the commands on a run, its own run/logs/DOC/config.yml unless --config
+    is given; --set applied on top. --import_authors and --verify build or need none."""
+    if args.mode in ("import_authors", "verify"):
+        return None
+    if args.mode in RUN_CONFIG_MODES and args.config is None and args.doc is not None:
+        path = run_config_path(args)
+        if os.path.isfile(path):
+            return load_config(path, args.set)
+        if args.mode in SAMPLE_MODES and not args.set:
+            return None  # a run folder without config.yml (made by hand): the checkpoint's config
+        raise ConfigError(f"run {args.doc} has no {path}: train it first, or pass --config")
+    return load_config(args.config or "config.yml", args.set)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.progress)
+    if args.show_config:  # no torch needed
+        try:
+            config = resolve_config(args)
+        except ConfigError as e:
+            log.error("%s", e)
+            return 2
+        import yaml
+        sys.stdout.write(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        return 0
     import torch  # imported here so that `--help` and config errors answer at once
     import devices
     import runner
@@ -93,9 +175,12 @@ def main(argv=None):
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun with several processes
     try:
-        config = None
-        if not (args.sample or args.inpaint or args.eval or args.import_authors) or args.config is not None:
-            config = load_config(args.config or "config.yml")
+        config = resolve_config(args)
+        if args.set:
+            log.info("--set %s", " ".join(args.set))
+        if args.verify:
+            import checkpoint
+            return checkpoint.verify_run(args)
         device = devices.resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")) if distributed else None)
         if distributed:
             if device.type == "cuda":

@@ -19,10 +19,11 @@ import torch
 import yaml
 
 import devices
-from common import (NCSNError, Interrupted, Run, atomic_torch_save, derive_seed, numbered_snapshots,
-                    output_paths, snapshot_name)
+from common import (NCSNError, Interrupted, Run, atomic_torch_save, chosen_checkpoint, derive_seed,
+                    numbered_snapshots, output_paths, snapshot_name)
 from data import MNIST_MEAN, batch_noise, data_space, dequantize, epoch_permutation, load_mnist, logit_transform
 from model import CondRefineNetDilated
+from progress import Progress, duration
 from schema import ConfigError, config_from_dict, config_to_dict, with_legacy_values
 
 log = logging.getLogger("ncsn")
@@ -33,7 +34,8 @@ ARCHITECTURE_KEYS = ("model.ngf", "model.num_classes", "data.channels", "data.im
 # Keys a resumed run may change; any other difference to the checkpoint's config is an error.
 RESUMABLE_CHANGES = {
     "training.n_epochs", "training.n_iters", "training.snapshot_freq", "training.test_freq", "training.log_freq",
-    "training.keep_snapshots", "data.root", "model.ema_warmup",
+    "training.keep_snapshots", "training.max_minutes", "training.snapshot_grid", "training.snapshot_steps_each",
+    "data.root", "model.ema_warmup",
     "sampling.n_steps_each", "sampling.step_lr", "sampling.n_samples", "sampling.batch_size", "sampling.n_frames",
     "sampling.denoise", "sampling.ema", "sampling.init", "sampling.guidance_scale", "sampling.sampler",
     "fast.bf16", "fast.fast_kernels", "fast.fused_adam", "fast.channels_last", "fast.tf32", "fast.cudnn_benchmark",
@@ -531,9 +533,19 @@ class TrainState:
         return loss.detach(), labels[own]
 
 
+def resume_command(args):
+    """The command that continues this run, as the user can paste it."""
+    import shlex
+    words = ["python", "main.py"] + (["--run", args.run] if args.run != "run" else []) + ["--doc", args.doc]
+    words += (["--device", args.device] if args.device != "auto" else []) + (["--deterministic"] if args.deterministic
+                                                                            else [])
+    return shlex.join(words + ["--resume_training"])
+
+
 def train(args, config, device, on_snapshot=None):
     """Train (or with --resume_training continue) the run args.doc; `on_snapshot(state, test_u8)` is called on
-    every rank after each numbered snapshot (e.g. evaluate.TrainingMetrics). Returns the exit status 0."""
+    every rank after each numbered snapshot (e.g. evaluate.TrainingMetrics). Stops at the run's last step, or at
+    the first log step past training.max_minutes of this command. Returns the exit status 0."""
     run, tcfg, device = Run.from_args(args), config.training, torch.device(device)
     if not args.resume_training and (os.path.exists(run.log_dir) or os.path.exists(run.tb_dir)):
         raise NCSNError(f"run folder {run.log_dir} already exists: pick another --doc, or pass "
@@ -551,16 +563,17 @@ def train(args, config, device, on_snapshot=None):
     state = TrainState.create(config, run, device, ckpt["seed"] if ckpt else args.seed, n_total, ckpt)
     if state.step >= n_total:
         raise NCSNError(f"the checkpoint is at step {state.step} and the config ends at step {n_total}: "
-                        f"raise training.n_iters (or n_epochs) to train further")
+                        f"train further with {resume_command(args)} --set training.n_iters=N (N > {state.step})")
     run.barrier()  # every rank has checked the run folder before rank 0 writes into it
     writer = make_run_folders(run, config, args, device)
-    log.info("%s at step %d of %d (%d steps an epoch of %d images, batch %d%s); %d parameters",
+    log.info("%s at step %d of %d (%d steps an epoch of %d images, batch %d%s); %d parameters%s",
              "resuming" if state.step else "training", state.step + 1, n_total, steps_per_epoch, n, bs,
-             f" over {run.world} ranks" if run.world > 1 else "", sum(p.numel() for p in state.model.parameters()))
-    from tqdm import tqdm
-    bar = tqdm(total=n_total, initial=state.step, disable=None if run.rank == 0 else True, desc="train")
+             f" over {run.world} ranks" if run.world > 1 else "", sum(p.numel() for p in state.model.parameters()),
+             f"; budget {tcfg.max_minutes:g} min" if tcfg.max_minutes else "")
+    budget_s = 60 * tcfg.max_minutes if tcfg.max_minutes else float("inf")
+    progress = Progress(n_total, "train", "steps", initial=state.step, on=device, enabled=run.rank == 0)
     window = []  # (step, per-sample loss, levels) on the device, read back every log_freq steps
-    perm, perm_epoch = None, None
+    perm, perm_epoch, t0 = None, None, time.time()
     with StopSignals() as signals:
         try:
             while state.step < n_total:
@@ -569,32 +582,66 @@ def train(args, config, device, on_snapshot=None):
                     perm, perm_epoch = epoch_permutation(state.seed, epoch, n).to(device), epoch
                 order = perm[i * bs:(i + 1) * bs]  # (B,) the global batch
                 window.append((state.step + 1, *state.train_step(train_u8, order)))
-                step, stop = state.step, None
+                step, stop, out_of_time = state.step, None, False
                 snapshot = step % tcfg.snapshot_freq == 0 or step == n_total
                 if step % tcfg.log_freq == 0 or step % tcfg.test_freq == 0 or snapshot or \
                         (signals.signum and run.world == 1):  # under DDP the ranks agree at log steps only
                     last = log_losses(window, writer, state.sigmas, len(order), run)
                     window = []
-                    bar.set_postfix(loss=f"{last:.4f}", refresh=False)
-                    bar.update(step - bar.n)
+                    progress.update(step - progress.n, postfix=f"loss {last:.4f}")
                     stop = signals.signum or signal.SIGTERM if run.any_rank(signals.signum, device) else None
+                    out_of_time = step < n_total and run.any_rank(time.time() - t0 >= budget_s, device)
                 if step % tcfg.test_freq == 0 and run.rank == 0:
                     loss = test_loss(state, test_u8)
                     writer.add_scalar("test_loss", loss, step)
                     log.info("step %d: loss %.4f, test loss %.4f", step, last, loss)
+                snapshot = snapshot or out_of_time  # the budget ends the run as its last step would
                 if snapshot or stop:
                     writer.flush()
                     save_checkpoint(run, state.checkpoint(), numbered=snapshot, keep_snapshots=tcfg.keep_snapshots)
+                if snapshot and tcfg.snapshot_grid and run.rank == 0:
+                    snapshot_grid(state, writer)
                 if snapshot and on_snapshot is not None:
                     on_snapshot(state, test_u8)  # on every rank: it may use collectives
                 if stop:
                     raise Interrupted(stop, f"{signal.Signals(stop).name} at step {step}: checkpoint written, "
-                                            f"continue with --resume_training --doc {args.doc}")
+                                            f"continue with: {resume_command(args)}")
+                if out_of_time:
+                    log.info("training.max_minutes (%g) reached at step %d of %d after %s: checkpoint written; "
+                             "another budget: %s", tcfg.max_minutes, step, n_total, duration(time.time() - t0),
+                             resume_command(args))
+                    return 0
         finally:
-            bar.close()
+            progress.close()
             writer.close()
-    log.info("done: %d steps, checkpoint in %s", n_total, run.ckpt_path)
+    log.info("done: %d steps in %s, checkpoint in %s", n_total, duration(time.time() - t0), run.ckpt_path)
     return 0
+
+
+def snapshot_grid(state, writer):
+    """training.snapshot_grid samples of the sampling weights with training.snapshot_steps_each Langevin steps
+    a level (step_lr by NCSNv2's rule for that T: noise.langevin_step_lr), from a generator of their own (the
+    training stream is untouched), into TensorBoard ('snapshot_grid') and <log_dir>/snapshot_grids/."""
+    from noise import langevin_step_lr
+    from torchvision.utils import make_grid, save_image
+    cfg, tcfg, sigmas = state.config, state.config.training, state.sigmas
+    gamma = float(sigmas[0] / sigmas[1]) if len(sigmas) > 1 else 1.0
+    scfg = dataclasses.replace(cfg.sampling, n_steps_each=tcfg.snapshot_steps_each, batch_size=tcfg.snapshot_grid,
+                               step_lr=langevin_step_lr(float(sigmas[-1]), gamma, tcfg.snapshot_steps_each)
+                               if cfg.sampling.sampler == "langevin" else cfg.sampling.step_lr)
+    grid_cfg = dataclasses.replace(cfg, sampling=scfg)
+    t0 = time.time()
+    g = torch.Generator(state.device).manual_seed(derive_seed(state.seed, "snapshot_grid", state.step))
+    score_fn = make_score_fn(state.sampling_model(), cfg, state.device, state.sigmas)
+    x = draw_samples(score_fn, sigmas, grid_cfg, tcfg.snapshot_grid, g, state.device)
+    images = data_space(cfg)[1](x).clamp(0, 1)  # (n, 1, 28, 28)
+    grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=2)  # (3, H, W)
+    writer.add_image("snapshot_grid", grid, state.step)
+    folder = os.path.join(state.run.log_dir, "snapshot_grids")
+    os.makedirs(folder, exist_ok=True)
+    save_image(grid, os.path.join(folder, f"step_{state.step}.png"))
+    log.info("step %d: snapshot grid of %d samples (%d network evaluations each) in %.1f s", state.step,
+             len(images), sampler_steps(scfg, sigmas) + scfg.denoise, time.time() - t0)
 
 
 def log_losses(window, writer, sigmas, batch, run):
@@ -635,14 +682,15 @@ def load_trained(ckpt_path, config, device, seed):
     """The checkpoint file ckpt_path (a run's checkpoint.pth or a numbered snapshot), ready to sample:
     (config, score function, sigmas on the device, step).
 
-    The model and data settings are the checkpoint's; `sampling`, `eval` and `fast` come from `config` (--config)
-    when it is given. With model.ema and sampling.ema on, the EMA weights are used.
+    The model and data settings are the checkpoint's; `sampling`, `eval`, `fast` and data.root come from `config`
+    (the run's config.yml, or --config, with --set) when it is given. With model.ema and sampling.ema on, the EMA
+    weights are used.
     """
     ckpt = load_checkpoint(ckpt_path, device)
     run_cfg = checkpoint_config(ckpt, ckpt_path)
     if config is not None:
-        log.info("sampling and speed settings from --config; the model's from the checkpoint")
-        run_cfg = dataclasses.replace(run_cfg, sampling=config.sampling, fast=config.fast, eval=config.eval)
+        run_cfg = dataclasses.replace(run_cfg, sampling=config.sampling, fast=config.fast, eval=config.eval,
+                                      data=dataclasses.replace(run_cfg.data, root=config.data.root))
     devices.set_precision(run_cfg, device)
     model = make_model(run_cfg, device)
     use_ema = run_cfg.model.ema and run_cfg.sampling.ema
@@ -679,16 +727,26 @@ def initial_samples(config, sigmas, n, generator, device):
     return logit_transform(x0) if config.data.logit_transform else x0
 
 
-def draw_samples(score_fn, sigmas, config, n, generator, device, callback=None, score_for_batch=None):
+def draw_samples(score_fn, sigmas, config, n, generator, device, callback=None, score_for_batch=None,
+                 desc=None):
     """n samples by sampling.sampler (run_sampler) from `initial_samples`, in batches of sampling.batch_size;
     `callback` sees the first batch only. Returns the raw final tensor (n, 1, 28, 28) on the CPU.
     score_for_batch(start, stop), when given, is the score function of samples start..stop in place of
-    score_fn (class-conditional sampling gives each batch its own digits: guidance.py)."""
+    score_fn (class-conditional sampling gives each batch its own digits: guidance.py). With `desc`, progress
+    (progress.Progress) counts the sampler's steps of all batches under that name."""
     scfg, batches = config.sampling, []
-    for b in range(0, n, scfg.batch_size):
-        x0 = initial_samples(config, sigmas, min(scfg.batch_size, n - b), generator, device)
-        fn = score_fn if score_for_batch is None else score_for_batch(b, b + len(x0))
-        batches.append(run_sampler(fn, x0, sigmas, scfg, generator, callback if b == 0 else None).cpu())
+    n_batches = math.ceil(n / scfg.batch_size)
+    with Progress(n_batches * sampler_steps(scfg, sigmas), desc or "", "steps", on=device,
+                  enabled=desc is not None) as progress:
+        for b in range(0, n, scfg.batch_size):
+            x0 = initial_samples(config, sigmas, min(scfg.batch_size, n - b), generator, device)
+            fn = score_fn if score_for_batch is None else score_for_batch(b, b + len(x0))
+
+            def step(i, t, x, first=b == 0):
+                if first and callback is not None:
+                    callback(i, t, x)
+                progress.update(1)
+            batches.append(run_sampler(fn, x0, sigmas, scfg, generator, step).cpu())
     return torch.cat(batches)
 
 
@@ -715,10 +773,10 @@ def sample(args, config, device, guide=None):
     guide(run config, score_fn, sigmas) -> (score_for_batch, grid row length or None), when given, steers the
     samples (--digit: guidance.digit_guide); it is called before anything is written."""
     run, device = Run.from_args(args), torch.device(device)
-    run_cfg, score_fn, sigmas, _ = load_trained(run.ckpt_path, config, device, args.seed)
+    run_cfg, score_fn, sigmas, _ = load_trained(chosen_checkpoint(run, args.ckpt), config, device, args.seed)
     score_for_batch, nrow = guide(run_cfg, score_fn, sigmas) if guide is not None else (None, None)
     scfg = run_cfg.sampling
-    names = output_paths(args.image_folder, ["samples.png", "samples.pt", "movie.gif"], args.overwrite)
+    names = output_paths(output_folder(args, run), ["samples.png", "samples.pt", "movie.gif"], args.overwrite)
     total = sampler_steps(scfg, sigmas)
     frame_steps = set(np.linspace(1, total, min(scfg.n_frames, total)).round().astype(int).tolist())
     n_grid = min(scfg.n_samples, scfg.batch_size, 100)
@@ -734,13 +792,18 @@ def sample(args, config, device, guide=None):
     lo, hi = run.shard(scfg.n_samples)  # under torchrun each rank draws its share, with its own seed
     own_batch = None if score_for_batch is None else lambda a, b: score_for_batch(lo + a, lo + b)  # global indices
     samples = draw_samples(score_fn, sigmas, run_cfg, hi - lo, sampling_generator(run, device, args.seed), device,
-                           callback=record, score_for_batch=own_batch)
+                           callback=record, score_for_batch=own_batch, desc="sample" if run.rank == 0 else None)
     samples = run.gather(samples)
     log.info("sampled %d images in %.1f s", scfg.n_samples, time.time() - t0)
     if run.rank == 0:
         write_samples(samples, frames, names, to_image, nrow)
         log.info("wrote %s", ", ".join(names.values()))
     return 0
+
+
+def output_folder(args, run):
+    """-o, or the run's own samples/ folder (never the repository's images/)."""
+    return args.image_folder if args.image_folder is not None else os.path.join(run.log_dir, "samples")
 
 
 def write_samples(samples, frames, names, to_image, nrow=None):

@@ -6,6 +6,7 @@ missing, wrongly typed or out-of-range key raises `ConfigError` with a one-line 
 """
 import dataclasses
 import math
+import re
 import typing
 
 import yaml
@@ -23,6 +24,11 @@ class Training:
     log_freq: int = 10  # read the training loss back from the device every this many steps
     keep_snapshots: int = 0  # keep only the newest k checkpoint_<step>.pth; 0 keeps all
     anneal_power: float = 2.0  # lambda(sigma) = sigma ** anneal_power weights each level (eq. 6)
+    max_minutes: float = 0.0  # wall-clock budget of one training command: stop at the first log step past it,
+    # with a checkpoint as at n_iters; a resume trains for another budget; 0 = none
+    snapshot_grid: int = 0  # at each numbered snapshot, draw this many samples into TensorBoard and
+    # <run>/logs/<doc>/snapshot_grids/ with snapshot_steps_each Langevin steps a level; 0 = off
+    snapshot_steps_each: int = 5  # the snapshot grid's steps a level (its step_lr: NCSNv2's rule for this T)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +79,12 @@ class Sampling:
     n_frames: int = 100  # frames of movie.gif along the trajectory
     denoise: bool = False  # after the last level, one step x <- x + sigma_L^2 s(x, sigma_L) (NCSNv2, appendix)
     ema: bool = True  # sample, score and compute the test loss with the EMA weights when the run keeps them
-    init: str = "uniform"  # the chain's start: U[0, 1] (the paper) or gaussian: MNIST's mean pixel + sigma_1 z. A config
-    # without the key (the authors' checkpoints) starts as the paper does; config.yml sets gaussian (README)
+    init: str = "gaussian"  # the chain's start: gaussian, MNIST's mean pixel + sigma_1 z, or uniform: U[0, 1] (the
+    # paper's, from which the first level can hold the chain at a white background: docs/design.md)
     sampler: str = "langevin"  # langevin: annealed Langevin dynamics (Algorithm 1). consistent: consistent annealed
     # sampling (Jolicoeur-Martineau et al., 2021), one step a level over (L - 1) n_steps_each + 1 levels
-    guidance_scale: float = 0.0  # w of --sample --digit: s + w grad log p(y | x, sigma_i) (guidance.py); 0 = off
+    guidance_scale: float = 10.0  # w of --sample --digit: s + w grad log p(y | x, sigma_i) (guidance.py): at 10, 91% of
+    # the samples asked to be a 3 are classified 3 (docs/results.md); 0 = off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +130,9 @@ RULES = [  # (key, test, what it must be): checked once, after the types
     ("training.test_freq", lambda v: v >= 1, ">= 1"),
     ("training.log_freq", lambda v: v >= 1, ">= 1"),
     ("training.keep_snapshots", lambda v: v >= 0, ">= 0 (0 keeps all)"),
+    ("training.max_minutes", lambda v: v >= 0, ">= 0 (0 = no budget)"),
+    ("training.snapshot_grid", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("training.snapshot_steps_each", lambda v: v >= 1, ">= 1"),
     ("data.dataset", lambda v: v == "MNIST", "MNIST"),
     ("data.image_size", lambda v: v == 28, "28 (MNIST)"),
     ("data.channels", lambda v: v == 1, "1 (MNIST)"),
@@ -216,8 +226,36 @@ def config_from_dict(raw, source="config"):
     return config
 
 
-def load_config(path):
-    """Read a YAML file with yaml.safe_load and validate it once. Raises ConfigError."""
+EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def apply_sets(raw, sets):
+    """A copy of the nested config dict `raw` with each of `sets` ("section.key=value", main.py --set) applied;
+    values are parsed as YAML (4000 -> int, 1e-4 -> float, true -> bool, langevin -> str). The result is
+    validated like a file by config_from_dict, so an unknown key or a bad value is the same one-line error."""
+    if not isinstance(raw, dict):
+        return raw  # config_from_dict names the problem
+    raw = {s: dict(v) if isinstance(v, dict) else v for s, v in raw.items()}
+    for item in sets:
+        key, eq, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not eq or not dot or not section or not name or "." in name:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key as in the YAML, "
+                              f"e.g. --set training.n_iters=4000")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") from e
+        if isinstance(value, str) and EXPONENT_NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 as text; on the command line it means the number
+        if not isinstance(raw.get(section, {}), dict):
+            raise ConfigError(f"--set {item!r}: section {section!r} is not a mapping")
+        raw.setdefault(section, {})[name] = value
+    return raw
+
+
+def read_yaml(path):
+    """The nested dict of a YAML config file (yaml.safe_load); a one-line ConfigError if unreadable."""
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
@@ -227,12 +265,18 @@ def load_config(path):
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"config {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from e
-    return config_from_dict(raw, source=f"config {path}")
+    return raw
+
+
+def load_config(path, sets=()):
+    """Read a YAML file, apply --set overrides and validate the result once. Raises ConfigError."""
+    source = f"config {path}" + (" with --set" if sets else "")
+    return config_from_dict(apply_sets(read_yaml(path), sets), source=source)
 
 
 # Keys added after a checkpoint format was in use whose old behaviour is not their default: a checkpoint's config
 # that lacks one was trained with this value. A missing key whose default is the old behaviour needs no entry.
-LEGACY_VALUES = {("model", "ema_warmup"): False}
+LEGACY_VALUES = {("model", "ema_warmup"): False, ("sampling", "init"): "uniform"}
 
 
 def with_legacy_values(raw):

@@ -73,7 +73,7 @@ def test_resume_with_other_training_settings_is_refused(tmp_path, capsys, fake_m
                           "differs from the checkpoint's in optim.lr")
     done = write_config(tmp_path / "done.yml", tiny_config(fake_mnist))
     assert_one_line_error(*run(tmp_path, capsys, "--config", done, "--doc", "r", "--resume_training"),
-                          "raise training.n_iters")
+                          "--set training.n_iters=N")
     assert snapshot_tree(tmp_path / "run") == before
 
 

@@ -82,6 +82,6 @@ def test_bad_config_on_the_command_line_exits_2_and_leaves_the_run_alone(tmp_pat
             assert p.returncode == 2, (name, p.stderr)
             errors = [line for line in p.stderr.splitlines() if line.startswith("ERROR")]
             assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
-    p = run_main("--config", "missing.yml", cwd=tmp_path)
+    p = run_main("--config", "missing.yml", "--doc", "new", cwd=tmp_path)
     assert p.returncode == 2 and "cannot read config missing.yml" in p.stderr
     assert snapshot_tree(tmp_path / "run") == before
