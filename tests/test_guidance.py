@@ -180,7 +180,7 @@ def test_guidance_without_a_cache_or_data_is_one_line(tmp_path, capsys, tiny_run
     sample = ["--run", tmp_path / "run", "--doc", "r", "--sample", "--digit", "3", "-o", tmp_path / "o"]
     code, line = run(capsys, *sample, "--guidance_scale", "2")
     assert code == 1 and "no MNIST" in line
-    code, line = run(capsys, *sample)  # w = 0, the config's default: guidance is off
+    code, line = run(capsys, *sample, "--guidance_scale", "0")  # w = 0: guidance is off
     assert code == 1 and "needs a guidance scale above 0" in line
     assert snapshot_tree(tmp_path) == before and not (tmp_path / "o").exists()
 
@@ -200,3 +200,11 @@ def test_digit_all_draws_one_row_per_digit(tmp_path, capsys, tiny_run):
     assert any(f.startswith(guidance.CACHE_PREFIX) for f in os.listdir(os.path.join(root, "MNIST")))
     code, line = run(capsys, *sample, "-o", tmp_path / "o4")  # the run's own 4 samples cannot make 10 rows
     assert code == 1 and "multiple of 10" in line and not (tmp_path / "o4").exists()
+
+
+def test_digit_alone_samples_with_the_default_guidance_scale(tmp_path, capsys, tiny_run):
+    """--sample --digit 3 without --guidance_scale: the config's sampling.guidance_scale (schema default 10)."""
+    code, err = run(capsys, "--run", tiny_run / "run", "--doc", "r", "--sample", "--digit", "3", "-o", tmp_path / "o")
+    assert code == 0, err
+    assert "guidance: digit 3, scale w = 10" in err
+    assert torch.load(tmp_path / "o" / "samples.pt", weights_only=True).shape == (4, 1, 28, 28)

@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import nbclient
 import nbformat
@@ -91,10 +93,36 @@ def test_notebook_plots_per_level_loss_and_metrics(tiny_run):
     nb = execute(read_notebook(), run, "rich", images)
     assert len(outputs(nb, "image/png")) == 5
     text = "".join(outputs(nb, "stream"))
-    assert "skipped" not in text
+    assert text.count("skipped") == 1 and "no snapshot grids" in text  # the only plot this run cannot have
     assert "test_loss/level_3: 3 values" in text and "metrics/fid: 3 values" in text
 
 
 def test_notebook_stops_on_a_missing_run(tmp_path):
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="no run at"):
         execute(read_notebook(), tmp_path / "nowhere", "t", tmp_path / "images")
+
+
+def test_notebook_runs_with_its_own_defaults_after_the_readme_quick_commands(fake_mnist):
+    """The README's two quick commands (at a tiny size, through --set) in a fresh folder, then Run All with the
+    notebook's parameters as committed: RUN = "run", DOC = "quick", the run's own samples folder."""
+    work = os.path.join(REPO, "run", f"notebook_test_{os.getpid()}")  # inside the repository (run/ is ignored),
+    os.makedirs(work)                                                  # so the notebook finds its code above it
+    try:
+        tiny = ["training.n_iters=4", "training.snapshot_freq=2", "training.snapshot_grid=4", "model.ngf=4",
+                "model.num_classes=4", "sampling.n_steps_each=2", "sampling.n_samples=4", "sampling.batch_size=4",
+                "sampling.n_frames=4", "training.batch_size=8", f"data.root={fake_mnist}"]
+        sets = [w for s in tiny for w in ("--set", s)]
+        for argv in (["--config", os.path.join(REPO, "configs", "quick.yml"), "--doc", "quick", *sets],
+                     ["--doc", "quick", "--sample"]):
+            p = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *CPU, *argv], cwd=work,
+                               capture_output=True, text=True, timeout=300)
+            assert p.returncode == 0, p.stderr
+        nb = read_notebook()
+        client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": work}})
+        client.execute()
+        text = "".join(outputs(nb, "stream"))
+        assert os.path.join(work, "run", "logs", "quick") in text
+        assert "frames shown" in text and "2 snapshot grids" in text
+        assert len(outputs(nb, "image/png")) >= 4  # losses, samples, trajectory, snapshot grids
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
