@@ -27,13 +27,6 @@ COLLECTIVE_TIMEOUT_MIN = 30  # how long a rank waits at a collective under torch
 #                              the metrics classifier) before the run fails with a timeout
 
 
-def parse_device(name):
-    """--device's spelling (torch is not imported yet): auto, cpu, cuda, cuda:N or mps."""
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {name!r}")
-    return name
-
-
 MODES = ("resume_training", "sample", "eval", "inpaint", "import_authors", "noise_design", "verify", "show_config")
 RUN_CONFIG_MODES = ("resume_training", "sample", "eval", "inpaint", "show_config")  # read the run's own config.yml
 SAMPLE_MODES = ("sample", "eval", "inpaint")  # use a trained checkpoint: --ckpt, and only these --set sections

@@ -8,7 +8,7 @@
 
 For each seed it writes a config (the --config file, with --steps/--ngf/--batch_size/--n_steps_each where
 given and the --set overrides applied), trains it with `main.py` into run/bench/<stamp>-<seed>, then scores it
-with `main.py --eval` once per --eval_variant (a name and sampling overrides, e.g.
+with `main.py --eval --ckpt STEP` once per --eval_variant (a name and sampling overrides, e.g.
 "T=30:sampling.n_steps_each=30,sampling.step_lr=8e-6") and, with --snapshots, at every numbered snapshot
 too (the time-quality curve of one run). Each row gives FID, the Inception-style score (IS), the mean top-class
 confidence, the range of the ten digit shares, the share of white samples (mean pixel > 0.5: white
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import main  # noqa: E402
 import metrics  # noqa: E402
 import data  # noqa: E402
-from common import numbered_snapshots, read_scalars, snapshot_name  # noqa: E402
+from common import numbered_snapshots, read_scalars  # noqa: E402
 
 
 def parse_value(text):
@@ -135,7 +135,7 @@ def main_bench(argv=None):
         for step in steps:
             final_loss = mean_loss_before(loss, step)
             for name, sets in variants:
-                r, eval_s = score(root, log_dir, cfg, step, sets, flags, len(rows))
+                r, eval_s = score(log_dir, step, sets, flags)
                 if r is None:
                     return 1
                 rows.append((name, seed, step, r, saved[step], final_loss, eval_s))
@@ -179,23 +179,13 @@ def mean_loss_before(loss, step, n=20):
     return sum(loss[s] for s in steps) / max(1, len(steps))
 
 
-def score(root, log_dir, cfg, step, sets, flags, index):
-    """--eval of the snapshot at `step` (its own run folder linking the checkpoint) with sampling overrides."""
-    vcfg = json.loads(json.dumps(cfg))
-    for (section, key), value in overrides([sets]).items():
-        vcfg.setdefault(section, {})[key] = value
-    doc = f"q-{step}"
-    os.makedirs(os.path.join(root, "logs", doc), exist_ok=True)
-    target = os.path.join(root, "logs", doc, "checkpoint.pth")
-    if not os.path.exists(target):
-        os.link(os.path.join(log_dir, snapshot_name(step)), target)
-    vpath = os.path.join(root, f"eval-{index}.yml")
-    with open(vpath, "w") as f:
-        yaml.safe_dump(vcfg, f, sort_keys=False)
+def score(log_dir, step, sets, flags):
+    """--eval of the run's snapshot at `step` (--ckpt STEP) with the variant's sampling overrides (--set)."""
+    extra = [w for item in filter(None, sets.split(",")) for w in ("--set", item.strip())]
     t = time.time()
-    if main.main(["--config", vpath, *flags(doc), "--eval"]) != 0:
+    if main.main([*flags("q"), "--eval", "--ckpt", str(step), *extra]) != 0:
         return None, 0
-    with open(os.path.join(root, "logs", doc, "metrics.json")) as f:
+    with open(os.path.join(log_dir, "metrics.json")) as f:
         return json.load(f)[-1], time.time() - t
 
 
