@@ -212,30 +212,6 @@ def test_compile_switch_compiles_the_network_and_changes_nothing_else(monkeypatc
     assert os.path.isfile(tmp_path / "s" / "samples.png")
 
 
-def test_gpu_check_script_runs_at_tiny_size_on_the_cpu(tmp_path, fake_mnist):
-    """bench/gpu_check.sh --tiny: every part of the GPU check (tests, speed rows, train, sample, eval) runs on the
-    CPU and prints its time; the samples and metrics land in --run, and an existing --run is refused."""
-    import json
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    run = tmp_path / "check"
-    cmd = ["bash", f"{REPO}/bench/gpu_check.sh", "--tiny", "--data_root", fake_mnist, "--run", str(run)]
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for part in ("tests", "speed", "train", "sample", "eval"):
-        assert f"-- {part}: " in p.stdout, part
-    assert "| 4 | fast / plain |" in p.stdout
-    assert sorted(os.listdir(run / "images")) == ["movie.gif", "samples.png", "samples.pt"]
-    (record,) = json.load(open(run / "logs" / "tenepochs" / "metrics.json"))
-    assert record["n_samples"] == 4 and record["step"] == 6
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
-    assert again.returncode == 1 and "exists from an earlier check" in again.stderr
-
-
 def test_device_cuda_n_under_torchrun_is_a_one_line_error(monkeypatch, tmp_path, fake_mnist, capsys):
     """Under torchrun with several processes, --device cuda:N would put every rank on GPU N (NCCL: duplicate
     GPU): refused in one line before any process group or file, with the way out; one process may name a GPU."""
