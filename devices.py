@@ -5,7 +5,8 @@ method; every command asks here, once, and logs what it got.
     auto     CUDA (under torchrun: cuda:LOCAL_RANK), else Apple MPS, else the CPU
     cpu      the CPU, even where CUDA or MPS is present
     cuda     cuda:LOCAL_RANK under torchrun, else cuda:0
-    cuda:N   that GPU (a one-line error if it is not there)
+    cuda:N   that GPU (a one-line error if it is not there, and under torchrun with several processes: every
+             rank would take the same GPU; choose the GPUs with CUDA_VISIBLE_DEVICES and pass --device cuda)
     mps      Apple silicon
 """
 import functools
@@ -18,7 +19,8 @@ from common import NCSNError
 
 log = logging.getLogger("ncsn")
 
-CUBLAS_DETERMINISTIC = ":4096:8"  # the cuBLAS workspace setting that deterministic GEMMs need (CUDA docs)
+CUBLAS_DETERMINISTIC = ":4096:8"  # the cuBLAS workspace setting that deterministic GEMMs need (CUDA docs) ...
+CUBLAS_DETERMINISTIC_VALUES = (":4096:8", ":16:8")  # ... the two that CUDA documents and torch accepts
 
 
 def mps_available():
@@ -38,6 +40,9 @@ def resolve_device(name, local_rank=None):
         if local_rank is not None:
             raise NCSNError("--device mps runs one process: torchrun with several processes needs CUDA or the CPU")
         return torch.device("mps")
+    if ":" in name and local_rank is not None:
+        raise NCSNError(f"--device {name} under torchrun would give every process the same GPU: pass --device cuda "
+                        f"(each process takes cuda:LOCAL_RANK) and choose the GPUs with CUDA_VISIBLE_DEVICES")
     if not torch.cuda.is_available():
         raise NCSNError(f"--device {name}: CUDA is not available here (use --device cpu or auto)")
     index = int(name.split(":")[1]) if ":" in name else (local_rank or 0)
@@ -49,11 +54,19 @@ def resolve_device(name, local_rank=None):
 
 def set_deterministic(on):
     """--deterministic: torch's deterministic algorithms only (an op that has none is an error, not a silent
-    fallback), cuDNN's deterministic convolutions, and the cuBLAS workspace they need. Before any CUDA work."""
+    fallback), cuDNN's deterministic convolutions, and the cuBLAS workspace they need. Before any CUDA work.
+    A CUBLAS_WORKSPACE_CONFIG of the user's that is not one of CUDA's deterministic settings is a one-line
+    NCSNError (torch would fail at the first matmul). set_deterministic(False) restores torch's defaults: no
+    deterministic algorithms, cuDNN free to choose (a second run in one process, as in the tests)."""
     if on:
+        workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+        if workspace is not None and workspace not in CUBLAS_DETERMINISTIC_VALUES:
+            raise NCSNError(f"--deterministic needs CUBLAS_WORKSPACE_CONFIG={CUBLAS_DETERMINISTIC_VALUES[0]} or "
+                            f"{CUBLAS_DETERMINISTIC_VALUES[1]} (cuBLAS's deterministic workspaces), but it is set to "
+                            f"{workspace!r}: unset it or set one of those")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
 
 
 def warn_slow_precision(config, device):

@@ -333,8 +333,9 @@ def classify(classifier, images, batch_size=500):
     feats, probs = [], []
     for b in range(0, len(images), batch_size):
         x = images[b:b + batch_size].to(device=device, dtype=torch.float32)  # (b, 1, 28, 28)
-        feats.append(classifier.features(x).double().cpu())  # (b, D)
-        probs.append(torch.softmax(classifier(x).double(), dim=1).cpu())  # (b, 10)
+        # float64 on the CPU only: MPS has none ("Cannot convert a MPS Tensor to float64 dtype")
+        feats.append(classifier.features(x).cpu().double())  # (b, D)
+        probs.append(torch.softmax(classifier(x).cpu().double(), dim=1))  # (b, 10)
     classifier.train(was_training)
     return torch.cat(feats).numpy(), torch.cat(probs).numpy()
 
@@ -411,9 +412,9 @@ def nearest_neighbours(queries, references, chunk=NEAREST_CHUNK):
 
     Blocks of `chunk` queries against all references with torch.cdist in float64 (the first index wins a tie);
     the returned distance is recomputed directly as ||q - r||, so it does not carry the rounding of the
-    matrix-product form cdist uses for long rows."""
-    q = queries.flatten(1).double()  # (N, D)
-    r = references.flatten(1).double().to(q.device)  # (M, D)
+    matrix-product form cdist uses for long rows. On the CPU, wherever the inputs are (MPS has no float64)."""
+    q = queries.flatten(1).cpu().double()  # (N, D)
+    r = references.flatten(1).cpu().double()  # (M, D)
     if q.shape[1] != r.shape[1] or len(r) == 0:
         raise NCSNError(f"nearest_neighbours: queries {tuple(q.shape)} and references {tuple(r.shape)} do not fit")
     indices = []

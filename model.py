@@ -149,10 +149,12 @@ class CondRCU(nn.Module):
 
 def linear_interpolation_matrix(n_out, n_in, device, dtype):
     """(n_out, n_in): row i holds the weights of 1-D linear interpolation with align_corners=True at output i,
-    i.e. at the input coordinate i (n_in - 1) / (n_out - 1)."""
-    pos = torch.arange(n_out, device=device, dtype=torch.float64) * ((n_in - 1) / max(n_out - 1, 1))
+    i.e. at the input coordinate i (n_in - 1) / (n_out - 1). The positions are float64 on the CPU, then moved
+    (MPS has no float64)."""
+    pos = torch.arange(n_out, dtype=torch.float64) * ((n_in - 1) / max(n_out - 1, 1))  # (n_out,) on the CPU
     lo = pos.floor().clamp(max=max(n_in - 2, 0)).long()  # (n_out,) the left neighbour
-    frac = (pos - lo).to(dtype)
+    frac = (pos - lo).to(dtype).to(device)  # converted on the CPU, then moved
+    lo = lo.to(device)
     m = torch.zeros(n_out, n_in, device=device, dtype=dtype)
     rows = torch.arange(n_out, device=device)
     m[rows, lo] = 1 - frac

@@ -23,7 +23,10 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
+import devices  # noqa: E402
+import main as cli  # noqa: E402
 import runner  # noqa: E402
+from common import NCSNError  # noqa: E402
 from metrics import WHITE_MEAN  # noqa: E402
 from schema import SAMPLING_INITS  # noqa: E402
 
@@ -56,16 +59,22 @@ def probe(path, use_ema, n, seed, device):
     return step, out
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+", help="checkpoint files (run/logs/<doc>/checkpoint_<step>.pth)")
     p.add_argument("--ema", action="store_true", help="the EMA weights instead of the raw ones")
     p.add_argument("--n", type=int, default=40, help="chains per start")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    device = torch.device("cpu")
-    print(f"first level of the sampler, {args.n} chains per start, {'EMA' if args.ema else 'raw'} weights, "
-          f"{torch.get_num_threads()} threads")
+    p.add_argument("--device", default="cpu", type=cli.parse_device, metavar="DEVICE",
+                   help="auto, cpu, cuda, cuda:N or mps; default cpu (the README's rows are CPU rows)")
+    args = p.parse_args(argv)
+    try:
+        device = devices.resolve_device(args.device)
+    except NCSNError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"first level of the sampler, {args.n} chains per start, {'EMA' if args.ema else 'raw'} weights, on "
+          f"{device}, {torch.get_num_threads()} threads")
     print("| checkpoint | step | U[0, 1] start: mean pixel | white | gaussian start: mean pixel | white | s |")
     print("|---|---|---|---|---|---|---|")
     for path in args.checkpoints:
@@ -77,4 +86,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,6 +25,7 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
+import devices  # noqa: E402
 import guidance  # noqa: E402
 import main as cli  # noqa: E402
 import metrics  # noqa: E402
@@ -44,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--data_root", default=None, help="MNIST root (default: the run's data.root)")
     p.add_argument("-o", "--out", default="run/bench/guidance", help="folder for the grids and results.json")
     p.add_argument("--overwrite", action="store_true", help="replace grids already in -o")
+    p.add_argument("--device", default="cpu", type=cli.parse_device, metavar="DEVICE",
+                   help="auto, cpu, cuda, cuda:N or mps; default cpu (the README's rows are CPU rows)")
     return p.parse_args(argv)
 
 
@@ -56,7 +59,7 @@ def score_row(images, asked, judge, reference):
 
 
 def bench(args):
-    device = torch.device("cpu")
+    device = devices.resolve_device(args.device)
     ckpt_path = Run(args.run, args.doc).ckpt_path
     run_cfg, score_fn, sigmas, step = runner.load_trained(ckpt_path, None, device, args.seed)
     data = dataclasses.replace(run_cfg.data, root=args.data_root or run_cfg.data.root)

@@ -30,10 +30,11 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
+import devices  # noqa: E402
 import main  # noqa: E402
 import metrics  # noqa: E402
 import data  # noqa: E402
-from common import numbered_snapshots, read_scalars  # noqa: E402
+from common import NCSNError, numbered_snapshots, read_scalars  # noqa: E402
 
 
 def parse_value(text):
@@ -75,7 +76,7 @@ def bench_config(args, seed_root):
 
 def reference_rows(args):
     """MNIST training images (the floor) and U[0, 1] noise (the ceiling), scored like samples."""
-    classifier = metrics.get_classifier(args.data_root, "cpu")
+    classifier = metrics.get_classifier(args.data_root, devices.resolve_device(args.device))
     train_u8 = data.load_mnist(args.data_root, train=True)
     test_u8 = data.load_mnist(args.data_root, train=False)
     reference = metrics.reference_stats(classifier, metrics.to_unit(test_u8))
@@ -110,7 +111,15 @@ def main_bench(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[1234], help="one training run per seed")
     p.add_argument("--n_reference", type=int, default=10000, help="images in each reference row")
     p.add_argument("--out", default="run/bench", help="where the runs go")
+    p.add_argument("--device", default="cpu", type=main.parse_device, metavar="DEVICE",
+                   help="auto, cpu, cuda, cuda:N or mps for training and --eval; default cpu (the README's rows "
+                        "are CPU rows)")
     args = p.parse_args(argv)
+    try:
+        devices.resolve_device(args.device)  # a device that is not there: one line, before any run folder
+    except NCSNError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.reference:
         reference_rows(args)
         return 0
@@ -122,7 +131,7 @@ def main_bench(argv=None):
         os.makedirs(root)
         cfg_path, cfg = bench_config(args, root)
         def flags(doc, level="warning", root=root, seed=seed):
-            return ["--run", root, "--doc", doc, "--seed", str(seed), "--verbose", level]
+            return ["--device", args.device, "--run", root, "--doc", doc, "--seed", str(seed), "--verbose", level]
 
         t = time.time()  # info level: stdout.txt then records when each snapshot was written
         if main.main(["--config", cfg_path, *flags("q", "info")]) != 0:

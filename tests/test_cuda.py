@@ -10,6 +10,7 @@ equal within a tolerance after a few steps."""
 import pytest
 import torch
 
+import devices
 import main
 from conftest import tiny_config, write_config
 
@@ -50,8 +51,11 @@ def test_resume_on_cuda_equals_an_unbroken_run(tmp_path, fake_mnist, determinist
         assert train(tmp_path, full, "full", *flags) == 0
         assert train(tmp_path, half, "half", *flags) == 0
         assert train(tmp_path, full, "half", "--resume_training", *flags) == 0
+        # the default case runs torch's default kernels, also after the deterministic case in this process
+        assert torch.backends.cudnn.deterministic is deterministic
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
     finally:
-        torch.use_deterministic_algorithms(False)
+        devices.set_deterministic(False)
     a, b = weights(tmp_path, "full"), weights(tmp_path, "half")
     assert a["step"] == b["step"] == 6
     for k in a["model"]:

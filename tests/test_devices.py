@@ -212,25 +212,59 @@ def test_compile_switch_compiles_the_network_and_changes_nothing_else(monkeypatc
     assert os.path.isfile(tmp_path / "s" / "samples.png")
 
 
-def test_gpu_check_script_runs_at_tiny_size_on_the_cpu(tmp_path, fake_mnist):
-    """bench/gpu_check.sh --tiny: every part of the GPU check (tests, speed rows, train, sample, eval) runs on the
-    CPU and prints its time; the samples and metrics land in --run, and an existing --run is refused."""
-    import json
-    import subprocess
-    import sys
+def test_device_cuda_n_under_torchrun_is_a_one_line_error(monkeypatch, tmp_path, fake_mnist, capsys):
+    """Under torchrun with several processes, --device cuda:N would put every rank on GPU N (NCCL: duplicate
+    GPU): refused in one line before any process group or file, with the way out; one process may name a GPU."""
+    pretend_gpus_everywhere(monkeypatch)
+    reports(monkeypatch, torch.cuda, "device_count", 2)
+    with pytest.raises(devices.NCSNError, match="under torchrun would give every process the same GPU"):
+        devices.resolve_device("cuda:1", local_rank=0)
+    assert devices.resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)  # the documented form
+    assert devices.resolve_device("cuda:1") == torch.device("cuda", 1)  # one process: that GPU
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist))
+    assert main.main(["--device", "cuda:0", "--config", cfg, "--run", str(tmp_path / "run"), "--doc", "x"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device cuda:0 under torchrun" in err[0] and "--device cuda " in err[0], err
+    assert not (tmp_path / "run").exists()
 
-    from conftest import REPO
 
-    run = tmp_path / "check"
-    cmd = ["bash", f"{REPO}/bench/gpu_check.sh", "--tiny", "--data_root", fake_mnist, "--run", str(run)]
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for part in ("tests", "speed", "train", "sample", "eval"):
-        assert f"-- {part}: " in p.stdout, part
-    assert "| 4 | fast / plain |" in p.stdout
-    assert sorted(os.listdir(run / "images")) == ["movie.gif", "samples.png", "samples.pt"]
-    (record,) = json.load(open(run / "logs" / "tenepochs" / "metrics.json"))
-    assert record["n_samples"] == 4 and record["step"] == 6
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
-    assert again.returncode == 1 and "exists from an earlier check" in again.stderr
+def test_set_deterministic_false_restores_torchs_defaults():
+    """A --deterministic run followed by a default one in the same process (tests/test_cuda.py does this): the
+    second has torch's default kernels again, cuDNN's included."""
+    saved = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        devices.set_deterministic(True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] in devices.CUBLAS_DETERMINISTIC_VALUES
+        devices.set_deterministic(False)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic is False
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        if saved is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved
+
+
+def test_deterministic_with_another_cublas_workspace_is_a_one_line_error(monkeypatch, tmp_path, fake_mnist, capsys):
+    """--deterministic with a CUBLAS_WORKSPACE_CONFIG that is not one of CUDA's two deterministic settings would
+    fail at the first CUDA matmul: it is a one-line error before anything is written; both settings are kept."""
+    cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 1}))
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    try:
+        assert main.main([*CPU, "--deterministic", "--config", cfg, "--run", str(tmp_path / "run"),
+                          "--doc", "x"]) == 1
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ERROR")]
+        assert len(err) == 1 and "CUBLAS_WORKSPACE_CONFIG" in err[0] and "':0:0'" in err[0], err
+        assert not (tmp_path / "run").exists()
+        assert not torch.are_deterministic_algorithms_enabled()
+        for value in devices.CUBLAS_DETERMINISTIC_VALUES:
+            monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", value)
+            devices.set_deterministic(True)
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == value
+    finally:
+        devices.set_deterministic(False)

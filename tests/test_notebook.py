@@ -1,12 +1,13 @@
-"""report.ipynb: executed headless with nbclient against a tiny run, and kept free of outputs in git."""
+"""report.ipynb: executed headless with nbclient against a tiny run, and kept free of outputs in git.
+
+nbclient and nbformat are imported inside the tests (skipped where they are missing), so that collecting this
+module never fails: `pytest -m cuda` on a GPU machine without them imports every test module first."""
 import json
 import os
 import shutil
 import subprocess
 import sys
 
-import nbclient
-import nbformat
 import pytest
 
 import main
@@ -15,8 +16,13 @@ from conftest import CPU, REPO, tiny_config, write_config, write_fake_mnist
 NOTEBOOK = os.path.join(REPO, "report.ipynb")
 
 
+def notebook_modules():
+    """(nbclient, nbformat), or the test is skipped where they are not installed."""
+    return pytest.importorskip("nbclient"), pytest.importorskip("nbformat")
+
+
 def read_notebook():
-    return nbformat.read(NOTEBOOK, as_version=4)
+    return notebook_modules()[1].read(NOTEBOOK, as_version=4)
 
 
 def execute(nb, run, doc, image_folder):
@@ -24,7 +30,7 @@ def execute(nb, run, doc, image_folder):
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1, "report.ipynb needs exactly one cell tagged 'parameters'"
     params[0].source = f"RUN = {str(run)!r}\nDOC = {doc!r}\nIMAGE_FOLDER = {str(image_folder)!r}"
-    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+    client = notebook_modules()[0].NotebookClient(nb, timeout=120, kernel_name="python3",
                                      resources={"metadata": {"path": REPO}})
     client.execute()
     return nb
@@ -45,6 +51,7 @@ def outputs(nb, kind):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A 6-step run on fake MNIST with a test loss every 2 steps, and its samples."""
+    notebook_modules()  # skip before training where the notebook cannot run
     tmp = tmp_path_factory.mktemp("nbrun")
     cfg = tiny_config(write_fake_mnist(str(tmp / "data")), **{"training.n_iters": 6, "training.test_freq": 2})
     run, images = tmp / "run", tmp / "images"
@@ -55,7 +62,7 @@ def tiny_run(tmp_path_factory):
 
 def test_committed_notebook_has_no_outputs():
     nb = read_notebook()
-    nbformat.validate(nb)
+    notebook_modules()[1].validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code, "report.ipynb has no code cells"
     stale = [i for i, c in enumerate(code) if c.outputs or c.execution_count is not None]
@@ -98,6 +105,7 @@ def test_notebook_plots_per_level_loss_and_metrics(tiny_run):
 
 
 def test_notebook_stops_on_a_missing_run(tmp_path):
+    nbclient = notebook_modules()[0]
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="no run at"):
         execute(read_notebook(), tmp_path / "nowhere", "t", tmp_path / "images")
 
