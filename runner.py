@@ -565,16 +565,17 @@ def train(args, config, device, on_snapshot=None):
         raise NCSNError(f"the checkpoint is at step {state.step} and the config ends at step {n_total}: "
                         f"train further with {resume_command(args)} --set training.n_iters=N (N > {state.step})")
     run.barrier()  # every rank has checked the run folder before rank 0 writes into it
-    writer = make_run_folders(run, config, args, device)
-    log.info("%s at step %d of %d (%d steps an epoch of %d images, batch %d%s); %d parameters%s",
-             "resuming" if state.step else "training", state.step + 1, n_total, steps_per_epoch, n, bs,
-             f" over {run.world} ranks" if run.world > 1 else "", sum(p.numel() for p in state.model.parameters()),
-             f"; budget {tcfg.max_minutes:g} min" if tcfg.max_minutes else "")
-    budget_s = 60 * tcfg.max_minutes if tcfg.max_minutes else float("inf")
-    progress = Progress(n_total, "train", "steps", initial=state.step, on=device, enabled=run.rank == 0)
-    window = []  # (step, per-sample loss, levels) on the device, read back every log_freq steps
-    perm, perm_epoch, t0 = None, None, time.time()
-    with StopSignals() as signals:
+    with StopSignals() as signals:  # from the run folder on, SIGINT/SIGTERM stop after a step, with a checkpoint
+        writer = make_run_folders(run, config, args, device)
+        log.info("%s at step %d of %d (%d steps an epoch of %d images, batch %d%s); %d parameters%s",
+                 "resuming" if state.step else "training", state.step + 1, n_total, steps_per_epoch, n, bs,
+                 f" over {run.world} ranks" if run.world > 1 else "",
+                 sum(p.numel() for p in state.model.parameters()),
+                 f"; budget {tcfg.max_minutes:g} min" if tcfg.max_minutes else "")
+        budget_s = 60 * tcfg.max_minutes if tcfg.max_minutes else float("inf")
+        progress = Progress(n_total, "train", "steps", initial=state.step, on=device, enabled=run.rank == 0)
+        window = []  # (step, per-sample loss, levels) on the device, read back every log_freq steps
+        perm, perm_epoch, t0 = None, None, time.time()
         try:
             while state.step < n_total:
                 epoch, i = divmod(state.step, steps_per_epoch)

@@ -138,7 +138,7 @@ def test_sigterm_and_sigint_write_a_checkpoint_and_resume_continues(tmp_path, fa
     assert proc.returncode == 128 + sig, out
     step = torch.load(os.path.join(log_dir, "checkpoint.pth"), weights_only=True)["step"]
     assert 0 < step < 400
-    assert f"{signal.Signals(sig).name} at step {step}: checkpoint written, continue with --resume_training" in out
+    assert f"{signal.Signals(sig).name} at step {step}: checkpoint written, continue with: python main.py" in out
     assert "Traceback" not in out
     # resuming continues at the next step and ends where an unbroken run ends
     short = write_config(tmp_path / "c2.yml", tiny_config(fake_mnist, **{"training.n_iters": step + 3,
