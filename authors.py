@@ -161,7 +161,8 @@ def map_adam_state(their_optim, their_names, model, config):
 def import_authors(args):
     """--import_authors PATH --doc NAME: write run/logs/NAME (checkpoint.pth, config.yml) from their run; nothing
     is written unless every check passes."""
-    from runner import make_checkpoint, make_model
+    from checkpoint import make_checkpoint
+    from runner import make_model
     from schema import ConfigError, config_from_dict, config_to_dict
 
     run = Run(args.run, args.doc)

@@ -335,7 +335,8 @@ def main(argv=None):
     print its test accuracy per level; --sample --digit would otherwise train it on first use."""
     import main as cli
     from common import Run
-    from runner import checkpoint_config, get_sigmas, load_checkpoint
+    from checkpoint import checkpoint_config, load_checkpoint
+    from runner import get_sigmas
 
     p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     p.add_argument("--run", default="run", help="output root of the run")
