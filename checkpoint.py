@@ -9,6 +9,7 @@ import os
 
 import torch
 
+import devices
 from common import NCSNError, atomic_torch_save, derive_seed, numbered_snapshots, snapshot_name
 from schema import ConfigError, config_from_dict, config_to_dict, with_legacy_values
 
@@ -92,8 +93,9 @@ def load_checkpoint(path, device="cpu"):
     return ckpt
 
 
-def latest_checkpoint(run, device):
-    """The newest complete snapshot of the run, for --resume_training; None if it has none yet.
+def latest_checkpoint(run):
+    """The newest complete snapshot of the run, for --resume_training, on the CPU (restore moves it to the run's
+    device); None if it has none yet.
 
     checkpoint.pth is normally the newest; a numbered snapshot is newer only when a crash came between
     writing checkpoint_<step>.pth and swapping checkpoint.pth to it.
@@ -105,11 +107,11 @@ def latest_checkpoint(run, device):
         log.warning("%s holds no checkpoint yet (stopped before its first snapshot): starting at step 1",
                     run.log_dir)
         return None
-    ckpt = load_checkpoint(run.ckpt_path, device) if os.path.exists(run.ckpt_path) else None
+    ckpt = load_checkpoint(run.ckpt_path) if os.path.exists(run.ckpt_path) else None
     if numbered and (ckpt is None or numbered[-1][0] > ckpt["step"]):
         path = os.path.join(run.log_dir, numbered[-1][1])
         log.warning("resuming from %s, newer than checkpoint.pth", path)
-        ckpt = load_checkpoint(path, device)
+        ckpt = load_checkpoint(path)
     return ckpt
 
 
@@ -146,13 +148,25 @@ def check_resumable(ckpt, config, path):
 
 
 def restore(ckpt, model, ema, optimizer, generator, config, path):
-    """Load model, EMA, optimizer and RNG state from `ckpt` in place; returns its last completed step."""
+    """Load model, EMA, optimizer and RNG state from `ckpt` (best read onto the CPU) in place; returns its last
+    completed step.
+
+    The optimizer's moments go to their parameters' device; its `step` counters stay on the CPU, where torch keeps
+    them for its default Adam (on the device every step would sync on them), and go to the device only for fused
+    Adam, which needs them there. Fused Adam is this run's choice, as runner.make_optimizer makes it: fast.fused_adam
+    and devices.fused_adam_ok, not the checkpoint's."""
     load_model_state(model, ckpt["model"], path)
     if ema is not None:
         load_model_state(ema, ckpt["ema"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
-    for group in optimizer.param_groups:  # the kernel choice is this run's config's, not the checkpoint's
-        group["fused"] = True if config.fast.fused_adam else None
+    device = next(model.parameters()).device
+    fused = True if config.fast.fused_adam and devices.fused_adam_ok(device) else None
+    for group in optimizer.param_groups:
+        group["fused"] = fused
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(p.device if fused or group.get("capturable") else "cpu")
     rng = ckpt["rng"]
     torch.set_rng_state(rng["torch_cpu"].cpu())
     if rng["generator_device"] == generator.device.type:

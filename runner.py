@@ -387,7 +387,7 @@ def train(args, config, device, on_snapshot=None):
     if not args.resume_training and (os.path.exists(run.log_dir) or os.path.exists(run.tb_dir)):
         raise NCSNError(f"run folder {run.log_dir} already exists: pick another --doc, or pass "
                         f"--resume_training to continue it")
-    ckpt = latest_checkpoint(run, device) if args.resume_training else None
+    ckpt = latest_checkpoint(run) if args.resume_training else None  # on the CPU: restore moves it
     if ckpt is not None:
         check_resumable(ckpt, config, run.ckpt_path)
         if ckpt["seed"] != args.seed:
