@@ -58,9 +58,11 @@ def save_checkpoint(run, state, numbered, keep_snapshots):
     if run.rank != 0:
         return
     step = state["step"]
+    hint = (f"the snapshots before step {step} are intact: free space there, keep fewer snapshots "
+            f"(training.keep_snapshots) or train into another --run")
     if numbered:
         path = os.path.join(run.log_dir, snapshot_name(step))
-        atomic_torch_save(state, path)
+        atomic_torch_save(state, path, hint)
         tmp = f"{run.ckpt_path}.tmp.{os.getpid()}"
         try:  # checkpoint.pth as a hard link to the same bytes, swapped in atomically
             os.link(path, tmp)
@@ -68,12 +70,12 @@ def save_checkpoint(run, state, numbered, keep_snapshots):
         except OSError:
             if os.path.exists(tmp):
                 os.remove(tmp)
-            atomic_torch_save(state, run.ckpt_path)
+            atomic_torch_save(state, run.ckpt_path, hint)
         if keep_snapshots > 0:
             for _, name in numbered_snapshots(run.log_dir)[:-keep_snapshots]:
                 os.remove(os.path.join(run.log_dir, name))
     else:
-        atomic_torch_save(state, run.ckpt_path)
+        atomic_torch_save(state, run.ckpt_path, hint)
     log.info("step %d: saved %s", step, f"{snapshot_name(step)} and checkpoint.pth" if numbered
              else "checkpoint.pth")
 

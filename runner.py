@@ -7,6 +7,7 @@ sampling command (`sample`). Checkpoints and resume are in checkpoint.py.
 """
 import copy
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -20,7 +21,8 @@ import yaml
 import devices
 from checkpoint import (check_resumable, checkpoint_config, latest_checkpoint, load_checkpoint, load_model_state,
                         make_checkpoint, restore, save_checkpoint)
-from common import NCSNError, Interrupted, Run, atomic_torch_save, derive_seed, output_paths
+from common import (NCSNError, Interrupted, Run, atomic_save_image, atomic_torch_save, atomic_write_bytes,
+                    derive_seed, output_paths)
 from data import MNIST_MEAN, batch_noise, data_space, dequantize, epoch_permutation, load_mnist, logit_transform
 from model import CondRefineNetDilated
 from schema import config_to_dict
@@ -596,13 +598,16 @@ def write_samples(samples, frames, names, to_image, nrow=None):
     """The grid PNG (rows of `nrow` images; default a square), the raw tensor and the GIF of the trajectory
     frames."""
     from PIL import Image
-    from torchvision.utils import make_grid, save_image
+    from torchvision.utils import make_grid
 
+    hint = "free space there or write to another -o"  # each file whole or not there, no temporary one left
     images = to_image(samples).clamp(0, 1)
-    save_image(images, names["samples.png"], nrow=nrow or math.ceil(math.sqrt(len(images))), padding=2)
-    atomic_torch_save(samples, names["samples.pt"])
+    atomic_save_image(images, names["samples.png"], hint, nrow=nrow or math.ceil(math.sqrt(len(images))), padding=2)
+    atomic_torch_save(samples, names["samples.pt"], hint)
     nrow = math.ceil(math.sqrt(len(frames[0])))
     pil = [Image.fromarray(make_grid(f, nrow=nrow, padding=2)[0].mul(255).round().byte().numpy(), mode="L")
            for f in frames]
-    pil[0].save(names["movie.gif"], save_all=True, append_images=pil[1:], duration=[60] * (len(pil) - 1) + [2000],
+    gif = io.BytesIO()
+    pil[0].save(gif, format="GIF", save_all=True, append_images=pil[1:], duration=[60] * (len(pil) - 1) + [2000],
                 loop=0)
+    atomic_write_bytes(names["movie.gif"], gif.getvalue(), hint)
