@@ -5,7 +5,11 @@ A checkpoint is one dict with named keys holding only tensors and plain values, 
 torch.load(weights_only=True). This module imports none of runner.py: what restore needs comes as arguments.
 """
 import logging
+import mmap
 import os
+import struct
+import zipfile
+import zlib
 
 import torch
 
@@ -16,6 +20,8 @@ from schema import ConfigError, config_from_dict, config_to_dict, with_legacy_va
 log = logging.getLogger("ncsn")
 
 CHECKPOINT_FORMAT = 1
+VERIFY_CHUNK = 1 << 22  # bytes read at a time when checking a compressed member's CRC-32
+LOCAL_HEADER = b"PK\x03\x04"  # the signature of a zip member's local header
 # Keys that fix the network's shape: a checkpoint with other values cannot be loaded.
 ARCHITECTURE_KEYS = ("model.ngf", "model.num_classes", "data.channels", "data.image_size")
 # Keys a resumed run may change; any other difference to the checkpoint's config is an error.
@@ -80,27 +86,136 @@ def save_checkpoint(run, state, numbered, keep_snapshots):
              else "checkpoint.pth")
 
 
-def load_checkpoint(path, device="cpu"):
-    """Read a checkpoint dict with weights_only=True onto `device`; a one-line NCSNError if unreadable."""
-    if not os.path.isfile(path):
-        raise NCSNError(f"no checkpoint at {path}: train this run first")
+def damage(path):
+    """What is wrong with the checkpoint file at `path` ("damaged (CRC mismatch in data/12)", ...), or None when it
+    is a whole zip archive whose every member matches its CRC-32.
+
+    torch.save writes a zip archive: data.pkl holds the pickled dict (the config, step, seed and the tensors'
+    places), data/<n> each tensor's bytes (the model, EMA and optimizer state, the RNG states); every member
+    carries a CRC-32 in the archive's directory, which torch.load does not check. This reads every member's bytes
+    once, where torch.load finds them (after the local header: its name is checked against the directory's, its
+    lengths say where the bytes begin); docs/checkpoints.md has its cost. Other header fields and the alignment
+    padding are not covered: a flip there either breaks the archive for torch.load (refused by read_checkpoint) or
+    changes nothing that is loaded (tests/test_checkpoints.py flips bits at random to show it)."""
+    try:
+        with open(path, "rb") as f, zipfile.ZipFile(f) as z:
+            infos = z.infolist()
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                view = memoryview(mm)
+                try:
+                    for info in infos:
+                        problem = member_damage(z, view, info)
+                        if problem is not None:
+                            return problem
+                finally:
+                    view.release()
+    except zipfile.BadZipFile:
+        with open(path, "rb") as f:
+            zip_start = f.read(4) == LOCAL_HEADER
+        return "truncated (no zip directory at its end)" if zip_start else \
+            "not a checkpoint of this code (not a zip archive)"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    except Exception as e:  # a damaged directory can make zipfile raise other types (ValueError, ...)
+        return f"damaged ({type(e).__name__}: {e})"
+    return None
+
+
+def member_damage(z, view, info):
+    """damage() of one member of the open archive `z`, whose file's bytes are `view`."""
+    member = info.filename.split("/", 1)[-1]  # without torch's top folder ("archive/")
+    off = info.header_offset
+    if view[off:off + 4] != LOCAL_HEADER:
+        return f"damaged (the local header of {member} is missing)"
+    name_len, extra_len = struct.unpack("<HH", view[off + 26:off + 30])
+    name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+    if view[off + 30:off + 30 + name_len] != name:
+        return f"damaged (the local header of {member} names another file)"
+    start = off + 30 + name_len + extra_len
+    if start + info.compress_size > len(view):
+        return f"truncated (in {member})"
+    if info.compress_type == zipfile.ZIP_STORED:  # what torch writes: the bytes as they are
+        crc = zlib.crc32(view[start:start + info.compress_size])
+        return None if crc == info.CRC else f"damaged (CRC mismatch in {member})"
+    try:  # compressed (not torch's own writer): zipfile inflates it and checks the CRC-32 at the end
+        with z.open(info) as f:
+            while f.read(VERIFY_CHUNK):
+                pass
+    except zipfile.BadZipFile as e:
+        return f"damaged (CRC mismatch in {member})" if str(e).startswith("Bad CRC-32") else \
+            f"damaged (in {member}: {e})"
+    return None
+
+
+def newest_intact(log_dir, exclude):
+    """(file name, step) of the run's newest numbered snapshot in `log_dir` that verifies, other than the file
+    `exclude`; None if there is none."""
+    for step, name in reversed(numbered_snapshots(log_dir)) if os.path.isdir(log_dir) else []:
+        path = os.path.join(log_dir, name)
+        if not (exclude and same_file(path, exclude)) and damage(path) is None:
+            return name, step
+    return None
+
+
+def same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def way_out(path):
+    """What to use instead of the damaged checkpoint `path`: the newest intact snapshot beside it, as --ckpt."""
+    found = newest_intact(os.path.dirname(path), path)
+    if found is None:
+        return f"no other snapshot in {os.path.dirname(path)} is intact (main.py --verify lists them)"
+    return f"the newest intact snapshot is {found[0]}, use it with --ckpt {found[1]}"
+
+
+class DamagedCheckpoint(NCSNError):
+    """A checkpoint file that fails its check or does not load as ours; `problem` says how, e.g.
+    "damaged (CRC mismatch in data/12)"."""
+
+    def __init__(self, path, problem):
+        super().__init__(f"checkpoint {path} is {problem}")
+        self.path, self.problem = path, problem
+
+
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict in `path` (weights_only=True, onto `device`) after damage() passed; DamagedCheckpoint
+    if the file fails the check or does not load as a checkpoint of this code."""
+    problem = damage(path)
+    if problem is not None:
+        raise DamagedCheckpoint(path, problem)
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises several types for a truncated or foreign file
+    except Exception as e:  # torch raises several types for a foreign file or a damaged zip directory
         first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
-        raise NCSNError(f"checkpoint {path} is truncated or not a checkpoint of this code "
-                        f"({type(e).__name__}: {first})") from e
+        raise DamagedCheckpoint(path, f"damaged or not a checkpoint of this code ({type(e).__name__}: {first})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise NCSNError(f"checkpoint {path} is not a checkpoint of this code (no 'format': {CHECKPOINT_FORMAT})")
+        raise DamagedCheckpoint(path, f"not a checkpoint of this code (no 'format': {CHECKPOINT_FORMAT})")
     return ckpt
 
 
-def latest_checkpoint(run):
-    """The newest complete snapshot of the run, for --resume_training, on the CPU (restore moves it to the run's
-    device); None if it has none yet.
+def load_checkpoint(path, device="cpu"):
+    """Read a checkpoint dict with weights_only=True onto `device`, after checking every CRC-32 of the file
+    (damage); a one-line NCSNError if it is missing, damaged or unreadable, naming the newest intact snapshot."""
+    if not os.path.isfile(path):
+        raise NCSNError(f"no checkpoint at {path}: train this run first")
+    try:
+        return read_checkpoint(path, device)
+    except DamagedCheckpoint as e:
+        raise NCSNError(f"{e}: {way_out(path)}") from e
 
-    checkpoint.pth is normally the newest; a numbered snapshot is newer only when a crash came between
-    writing checkpoint_<step>.pth and swapping checkpoint.pth to it.
+
+def latest_checkpoint(run):
+    """The newest snapshot of the run that verifies and loads, for --resume_training, on the CPU (restore moves
+    it to the run's device); None if the run has no checkpoint yet.
+
+    checkpoint.pth is normally the newest; a numbered snapshot is newer only when a crash came between writing
+    checkpoint_<step>.pth and swapping checkpoint.pth to it. A file that fails (damage, or does not load) is
+    skipped with a warning naming it, why, and the steps that will be trained again; no file is changed. A run
+    where none loads is a one-line NCSNError.
     """
     if not os.path.isdir(run.log_dir):
         raise NCSNError(f"no run folder {run.log_dir} to resume: train it first (without --resume_training)")
@@ -109,12 +224,46 @@ def latest_checkpoint(run):
         log.warning("%s holds no checkpoint yet (stopped before its first snapshot): starting at step 1",
                     run.log_dir)
         return None
-    ckpt = load_checkpoint(run.ckpt_path) if os.path.exists(run.ckpt_path) else None
-    if numbered and (ckpt is None or numbered[-1][0] > ckpt["step"]):
-        path = os.path.join(run.log_dir, numbered[-1][1])
-        log.warning("resuming from %s, newer than checkpoint.pth", path)
-        ckpt = load_checkpoint(path)
+    skipped = []  # (file name, its step if numbered, what is wrong)
+    ckpt, chosen, latest_failed = None, None, None
+    if os.path.exists(run.ckpt_path):
+        try:
+            ckpt, chosen = read_checkpoint(run.ckpt_path), "checkpoint.pth"
+        except DamagedCheckpoint as e:
+            skipped.append(("checkpoint.pth", None, e.problem))
+            latest_failed = e.problem
+    for step, name in reversed(numbered):
+        if ckpt is not None and step <= ckpt["step"]:
+            break
+        path = os.path.join(run.log_dir, name)
+        if latest_failed is not None and same_file(path, run.ckpt_path):  # the same bytes: no second read
+            skipped.append((name, step, f"{latest_failed} (the same file as checkpoint.pth)"))
+            continue
+        try:
+            newer = read_checkpoint(path)
+        except DamagedCheckpoint as e:
+            skipped.append((name, step, e.problem))
+            continue
+        if ckpt is not None:
+            log.warning("resuming from %s, newer than checkpoint.pth", path)
+        ckpt, chosen = newer, name
+        break
+    if ckpt is None:
+        raise NCSNError(f"no checkpoint in {run.log_dir} verifies, nothing to resume from: "
+                        f"{skipped_list(skipped)}; nothing was changed: start afresh under another --doc")
+    if skipped:
+        step = ckpt["step"]
+        lost = max((s for _, s, _ in skipped if s is not None), default=step)
+        again = (f"steps {step + 1} to {lost} are trained again" if lost > step else
+                 f"any steps after {step} that checkpoint.pth held are trained again" if latest_failed else "")
+        log.warning("resuming from step %d (%s): %s%s", step, chosen, skipped_list(skipped),
+                    f"; {again}" if again else "")
     return ckpt
+
+
+def skipped_list(skipped):
+    """'checkpoint.pth is damaged (...), checkpoint_30.pth is damaged (...)' of (name, step, problem) triples."""
+    return ", ".join(f"{name} is {problem}" for name, _, problem in skipped)
 
 
 def checkpoint_config(ckpt, path):
@@ -178,3 +327,4 @@ def restore(ckpt, model, ema, optimizer, generator, config, path):
         log.warning("checkpoint made on %s, resumed on %s: the random stream differs from an unbroken run",
                     rng["generator_device"], generator.device.type)
     return ckpt["step"]
+

@@ -1,21 +1,24 @@
-"""Checkpoints you can trust: where a resumed run's optimizer state lives, fused Adam only where the device has it, and
-a full disk said plainly."""
+"""Checkpoints you can trust: a flipped bit or a cut-off file is found before anything uses it, resume falls back to
+the newest snapshot that verifies, a full disk is said plainly, and --verify lists what is good."""
 import dataclasses
 import errno
 import os
+import random
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 import warnings
+import zipfile
 
 import pytest
 import torch
 
 import checkpoint
 import main
-from common import Run, numbered_snapshots
-from conftest import CPU, REPO, tiny_config, write_config, write_fake_mnist
+from common import NCSNError, Run, numbered_snapshots
+from conftest import CPU, REPO, snapshot_tree, tiny_config, write_config, write_fake_mnist
 
 SETTINGS = {"training.snapshot_freq": 3, "fast.fused_adam": False}  # torch's default Adam: `step` on the CPU
 
@@ -55,6 +58,183 @@ def cli(capsys, tmp_path, *args):
     lines = err.splitlines()
     return (code, [x for x in lines if x.startswith("ERROR")], [x for x in lines if x.startswith("WARNING")], out,
             err)
+
+
+def data_start(blob, info):
+    """Where a zip member's bytes begin: after its local header (30 bytes, the name and the extra field)."""
+    off = info.header_offset
+    name_len, extra_len = struct.unpack("<HH", blob[off + 26:off + 30])
+    return off + 30 + name_len + extra_len
+
+
+def member_at(path, offset):
+    """The zip member (without torch's top folder) whose bytes hold `offset`."""
+    blob = open(path, "rb").read()
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            start = data_start(blob, info)
+            if start <= offset < start + info.compress_size:
+                return info.filename.split("/", 1)[1]
+    raise AssertionError(f"offset {offset} is in no member")
+
+
+def flip(path, offset, mask=0x40):
+    """XOR one byte of the file in place (a hard-linked checkpoint.pth and its snapshot both change)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ mask]))
+
+
+def offset_in(path, target):
+    """Where the bytes `target` lie in the file: they must occur exactly once."""
+    blob = open(path, "rb").read()
+    assert blob.count(target) == 1
+    return blob.index(target)
+
+
+def where(path, part):
+    """(offset, mask) of a bit that lives in `part` of the checkpoint: a byte in the middle of a weight tensor, of an
+    Adam moment, or the lowest bit of the config's model.sigma_end (a float64 in data.pkl: 0.01 would silently
+    become 0.010000000000000002)."""
+    ckpt = torch.load(path, weights_only=True)
+    if part == "weights":
+        raw = ckpt["model"]["end_conv.weight"].numpy().tobytes()
+        return offset_in(path, raw) + len(raw) // 2, 0x40
+    if part == "optimizer":
+        raw = ckpt["optimizer"]["state"][0]["exp_avg_sq"].numpy().tobytes()
+        return offset_in(path, raw) + len(raw) // 2, 0x40
+    blob = open(path, "rb").read()
+    pickled = b"G" + struct.pack(">d", ckpt["config"]["model"]["sigma_end"])  # pickle's BINFLOAT
+    return blob.index(pickled, blob.index(b"sigma_end")) + 8, 0x01
+
+
+@pytest.mark.parametrize("part", ["weights", "optimizer", "config"])
+def test_a_flipped_bit_is_refused_by_sample_and_skipped_by_resume(runs, tmp_path, capsys, part):
+    logs = copy_run(runs, "r", tmp_path)
+    offset, mask = where(logs / "checkpoint.pth", part)
+    member = member_at(logs / "checkpoint.pth", offset)
+    assert member.startswith("data/") if part != "config" else member == "data.pkl"
+    flip(logs / "checkpoint.pth", offset, mask)  # checkpoint.pth and checkpoint_6.pth: one file
+    before = snapshot_tree(tmp_path / "run")
+    code, errors, _, _, err = cli(capsys, tmp_path, "--doc", "r", "--sample", "-o", tmp_path / "out")
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert f"checkpoint.pth is damaged (CRC mismatch in {member}): the newest intact snapshot is checkpoint_3.pth, " \
+           f"use it with --ckpt 3" in errors[0]
+    assert not (tmp_path / "out").exists() and snapshot_tree(tmp_path / "run") == before
+    # resume skips both names of the damaged file, says so, and trains steps 4..9 as an unbroken run does
+    code, errors, warnings, _, err = cli(capsys, tmp_path, "--config", config(tmp_path, runs[1], 9), "--doc", "r",
+                                         "--resume_training")
+    assert code == 0 and not errors, err
+    assert any(f"resuming from step 3 (checkpoint_3.pth): checkpoint.pth is damaged (CRC mismatch in {member}), "
+               f"checkpoint_6.pth is damaged (CRC mismatch in {member}) (the same file as checkpoint.pth); "
+               f"steps 4 to 6 are trained again" in w for w in warnings), warnings
+    assert "resuming at step 4 of 9" in err
+    ours, ref = torch.load(logs / "checkpoint.pth", weights_only=True), \
+        torch.load(os.path.join(runs[0], "run", "logs", "full", "checkpoint_9.pth"), weights_only=True)
+    assert ours["step"] == 9 and all(torch.equal(ours["model"][k], ref["model"][k]) for k in ref["model"])
+
+
+def assert_equal_runs(a, b):
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])
+
+
+def test_a_truncated_checkpoint_pth_resumes_from_the_intact_snapshot_of_its_step(runs, tmp_path, capsys):
+    logs = copy_run(runs, "r", tmp_path)
+    blob = (logs / "checkpoint.pth").read_bytes()
+    os.remove(logs / "checkpoint.pth")
+    (logs / "checkpoint.pth").write_bytes(blob[:20_000])  # cut off; checkpoint_6.pth is whole
+    code, errors, warnings, _, err = cli(capsys, tmp_path, "--config", config(tmp_path, runs[1], 12), "--doc", "r",
+                                         "--resume_training")
+    assert code == 0 and not errors, err
+    assert any("resuming from step 6 (checkpoint_6.pth): checkpoint.pth is truncated (no zip directory at its end)"
+               in w for w in warnings), warnings
+    assert "resuming at step 7 of 12" in err
+    assert_equal_runs(torch.load(logs / "checkpoint.pth", weights_only=True),
+                      torch.load(os.path.join(runs[0], "run", "logs", "full", "checkpoint.pth"), weights_only=True))
+
+
+def test_both_newest_files_damaged_resumes_one_snapshot_earlier_and_says_what_is_lost(runs, tmp_path, capsys):
+    logs = copy_run(runs, "r9", tmp_path)
+    blob = (logs / "checkpoint.pth").read_bytes()
+    os.remove(logs / "checkpoint.pth")
+    (logs / "checkpoint.pth").write_bytes(blob[:20_000])
+    offset, mask = where(logs / "checkpoint_9.pth", "weights")
+    flip(logs / "checkpoint_9.pth", offset, mask)
+    intact = (logs / "checkpoint_3.pth").read_bytes()
+    code, errors, warnings, _, err = cli(capsys, tmp_path, "--config", config(tmp_path, runs[1], 12), "--doc", "r9",
+                                         "--resume_training")
+    assert code == 0 and not errors, err
+    member = member_at(os.path.join(runs[0], "run", "logs", "r9", "checkpoint_9.pth"), offset)
+    assert any(f"resuming from step 6 (checkpoint_6.pth): checkpoint.pth is truncated (no zip directory "
+               f"at its end), checkpoint_9.pth is damaged (CRC mismatch in {member}); steps 7 "
+               f"to 9 are trained again" in w for w in warnings), warnings
+    assert "resuming at step 7 of 12" in err and (logs / "checkpoint_3.pth").read_bytes() == intact
+    assert_equal_runs(torch.load(logs / "checkpoint.pth", weights_only=True),
+                      torch.load(os.path.join(runs[0], "run", "logs", "full", "checkpoint.pth"), weights_only=True))
+
+
+def test_a_run_without_an_intact_snapshot_is_a_one_line_error_and_nothing_changes(runs, tmp_path, capsys):
+    logs = copy_run(runs, "r", tmp_path)
+    flip(logs / "checkpoint.pth", where(logs / "checkpoint.pth", "weights")[0])
+    flip(logs / "checkpoint_3.pth", where(logs / "checkpoint_3.pth", "optimizer")[0])
+    before = snapshot_tree(tmp_path / "run")
+    code, errors, _, _, err = cli(capsys, tmp_path, "--config", config(tmp_path, runs[1], 9), "--doc", "r",
+                                  "--resume_training")
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert f"no checkpoint in {logs} verifies, nothing to resume from: checkpoint.pth is damaged" in errors[0]
+    assert "checkpoint_3.pth is damaged (CRC mismatch in data/" in errors[0] and "another --doc" in errors[0]
+    assert snapshot_tree(tmp_path / "run") == before
+    code, errors, _, _, err = cli(capsys, tmp_path, "--doc", "r", "--sample", "-o", tmp_path / "out")
+    assert code == 1 and len(errors) == 1 and "no other snapshot in" in errors[0] and "is intact" in errors[0], err
+
+
+def test_no_bit_flip_anywhere_changes_what_loads_without_a_word(runs, tmp_path):
+    """A flip in a member's bytes fails its CRC; one in the zip's headers either breaks the archive (refused by the
+    check or by torch.load) or changes nothing that torch.load returns. 150 random flips, most of them outside the
+    members' bytes, where the CRCs do not reach."""
+    src = os.path.join(runs[0], "run", "logs", "r", "checkpoint_3.pth")
+    blob = open(src, "rb").read()
+    with zipfile.ZipFile(src) as z:
+        spans = [(data_start(blob, i), data_start(blob, i) + i.compress_size) for i in z.infolist()]
+    inside = bytearray(len(blob))
+    for a, b in spans:
+        inside[a:b] = b"\1" * (b - a)
+    outside = [p for p in range(len(blob)) if not inside[p]]
+    ref = torch.load(src, weights_only=True)
+    rng, path, seen = random.Random(0), tmp_path / "flipped.pth", {"check": 0, "load": 0, "harmless": 0}
+    for pool, n in ((outside, 120), (range(len(blob)), 30)):
+        for _ in range(n):
+            b = bytearray(blob)
+            b[rng.choice(pool)] ^= 1 << rng.randrange(8)
+            path.write_bytes(b)
+            if checkpoint.damage(path) is not None:
+                seen["check"] += 1
+                continue
+            try:
+                got = torch.load(path, weights_only=True)
+            except Exception:
+                seen["load"] += 1
+                continue
+            assert same(got, ref)
+            seen["harmless"] += 1
+    assert seen["check"] > 30 and seen["harmless"] > 0, seen
+
+
+def same(a, b):
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,6 +327,7 @@ def assert_snapshots_whole(logs, steps):
     assert [n for n in names if n.endswith(".pth")] == sorted(["checkpoint.pth",
                                                                *(f"checkpoint_{s}.pth" for s in steps)])
     for s in steps:
+        assert checkpoint.damage(os.path.join(logs, f"checkpoint_{s}.pth")) is None
         assert checkpoint.load_checkpoint(os.path.join(logs, f"checkpoint_{s}.pth"))["step"] == s
     assert checkpoint.load_checkpoint(os.path.join(logs, "checkpoint.pth"))["step"] == steps[-1]
 
@@ -227,3 +408,26 @@ def test_a_full_disk_under_samples_and_metrics_is_one_line_and_leaves_no_tempora
     assert f"ERROR cannot write {mount}/logs/m/metrics.json: No space left on device (ENOSPC); it needs " in p.stdout, \
         p.stdout + p.stderr
     assert "files ['filler']" in p.stdout
+
+
+def test_import_authors_refuses_a_damaged_checkpoint(tmp_path, capsys):
+    fixture = os.path.join(REPO, "..", "shared", "fixtures", "authors_ncsn", "run", "logs", "mnist_ngf8")
+    if not os.path.isdir(fixture):
+        pytest.skip("the shared fixtures are not beside the repo")
+    theirs = tmp_path / "theirs"
+    shutil.copytree(fixture, theirs)
+    raw = torch.load(theirs / "checkpoint.pth", weights_only=True)[0]["module.begin_conv.weight"].numpy().tobytes()
+    offset = offset_in(theirs / "checkpoint.pth", raw) + 5
+    flip(theirs / "checkpoint.pth", offset)
+    code, errors, _, _, err = cli(capsys, tmp_path, "--import_authors", theirs, "--doc", "a")
+    assert code == 1 and len(errors) == 1, err
+    assert f"checkpoint.pth is damaged (CRC mismatch in {member_at(theirs / 'checkpoint.pth', offset)}): unpack or " \
+           f"download the authors' checkpoint again" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_that_is_not_a_zip_archive_is_not_ours(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"format": 1}, path, _use_new_zipfile_serialization=False)  # torch's format before 1.6
+    with pytest.raises(NCSNError, match=r"is not a checkpoint of this code \(not a zip archive\)"):
+        checkpoint.load_checkpoint(path)
