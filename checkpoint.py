@@ -14,7 +14,7 @@ import zlib
 import torch
 
 import devices
-from common import NCSNError, atomic_torch_save, derive_seed, numbered_snapshots, snapshot_name
+from common import NCSNError, Run, atomic_torch_save, derive_seed, numbered_snapshots, snapshot_name
 from schema import ConfigError, config_from_dict, config_to_dict, with_legacy_values
 
 log = logging.getLogger("ncsn")
@@ -328,3 +328,38 @@ def restore(ckpt, model, ema, optimizer, generator, config, path):
                     rng["generator_device"], generator.device.type)
     return ckpt["step"]
 
+
+def verify_run(args):
+    """--verify: check every checkpoint file of run --doc (damage, then a load); one line each on stdout: the file,
+    its step, its size, ok or what is wrong. Returns 0 when all are intact; otherwise a one-line NCSNError naming
+    the newest intact snapshot (exit status 1)."""
+    run = Run(args.run, args.doc)
+    if not os.path.isdir(run.log_dir):
+        raise NCSNError(f"no run folder {run.log_dir} to verify: check --run and --doc")
+    files = [(step, name) for step, name in numbered_snapshots(run.log_dir)]
+    if os.path.exists(run.ckpt_path):
+        files.append((None, "checkpoint.pth"))
+    if not files:
+        raise NCSNError(f"{run.log_dir} holds no checkpoint to verify")
+    width, failed = max(len(name) for _, name in files), 0
+    for step, name in files:
+        path = os.path.join(run.log_dir, name)
+        size = os.path.getsize(path)
+        try:
+            ckpt = read_checkpoint(path)
+            held = ckpt["step"] if isinstance(ckpt.get("step"), int) else None
+            if step is not None and held != step:
+                raise DamagedCheckpoint(path, f"not what its name says (it holds step {held})")
+            verdict = "ok"
+        except DamagedCheckpoint as e:
+            held, verdict, failed = step, e.problem, failed + 1
+        twin = [n for _, n in files[:-1] if same_file(os.path.join(run.log_dir, n), path)] if step is None else []
+        verdict += f" (the same file as {twin[0]})" if twin else ""
+        print(f"{name:<{width}}  step {held if held is not None else '?':>7}  {size:>13,} bytes  {verdict}", flush=True)
+    if failed:
+        found = newest_intact(run.log_dir, None)
+        raise NCSNError(f"{failed} of {len(files)} checkpoint files in {run.log_dir} fail the check: " +
+                        (f"the newest intact snapshot is {found[0]}, use it with --ckpt {found[1]}" if found
+                         else "none of its numbered snapshots is intact"))
+    log.info("all %d checkpoint files in %s are intact", len(files), run.log_dir)
+    return 0

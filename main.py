@@ -58,6 +58,8 @@ def parse_args(argv=None):
                    help="print the NCSNv2 noise levels and step size that the data and config call for")
     p.add_argument("--import_authors", metavar="PATH",
                    help="make run --doc from the authors' NCSN run folder run/logs/<doc> (or its checkpoint.pth)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every checkpoint of run --doc (CRC-32s, then a load): one line each, ok or what is wrong")
     p.add_argument("-o", "--image_folder", default="images", help="where --sample and --inpaint write")
     p.add_argument("--overwrite", action="store_true", help="let --sample replace outputs already in -o")
     args = p.parse_args(argv)
@@ -93,6 +95,9 @@ def main(argv=None):
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun with several processes
     try:
+        if args.verify:  # reads the run's checkpoint files only: no config, no device
+            import checkpoint
+            return checkpoint.verify_run(args)
         config = None
         if not (args.sample or args.inpaint or args.eval or args.import_authors) or args.config is not None:
             config = load_config(args.config or "config.yml")

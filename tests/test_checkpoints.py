@@ -237,6 +237,30 @@ def same(a, b):
     return a == b
 
 
+def test_verify_lists_every_snapshot_and_names_the_newest_intact(runs, tmp_path, capsys):
+    logs = copy_run(runs, "r9", tmp_path)
+    code, errors, _, out, err = cli(capsys, tmp_path, "--doc", "r9", "--verify")
+    assert code == 0 and not errors and "all 4 checkpoint files" in err, err
+    size = os.path.getsize(logs / "checkpoint_9.pth")
+    assert out.splitlines()[-1].split() == ["checkpoint.pth", "step", "9", f"{size:,}", "bytes", "ok", "(the", "same",
+                                            "file", "as", "checkpoint_9.pth)"]
+    flip(logs / "checkpoint.pth", where(logs / "checkpoint.pth", "config")[0], 0x01)
+    blob = (logs / "checkpoint_6.pth").read_bytes()
+    os.remove(logs / "checkpoint_6.pth")
+    (logs / "checkpoint_6.pth").write_bytes(blob[:20_000])
+    code, errors, _, out, err = cli(capsys, tmp_path, "--doc", "r9", "--verify")
+    lines = out.splitlines()
+    assert code == 1 and len(lines) == 4 and len(errors) == 1, err
+    assert [x.split()[0] for x in lines] == ["checkpoint_3.pth", "checkpoint_6.pth", "checkpoint_9.pth",
+                                             "checkpoint.pth"]
+    assert lines[0].endswith("bytes  ok") and " step       3 " in lines[0]
+    assert lines[1].endswith("20,000 bytes  truncated (no zip directory at its end)")
+    assert lines[2].endswith("damaged (CRC mismatch in data.pkl)")
+    assert lines[3].endswith("damaged (CRC mismatch in data.pkl) (the same file as checkpoint_9.pth)")
+    assert "3 of 4 checkpoint files" in errors[0] and \
+        "the newest intact snapshot is checkpoint_3.pth, use it with --ckpt 3" in errors[0]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Where the restored state lives: a "meta" device stands in for a GPU (its tensors have a device, no data)
 
