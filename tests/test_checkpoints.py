@@ -400,7 +400,12 @@ def test_a_full_disk_ends_training_with_one_line_and_the_earlier_snapshots_stay(
     assert f"cannot write {where_}/checkpoint_9.pth: No space left on device (ENOSPC); it needs " in line, line
     needed = int(line.split("it needs ")[1].split(" bytes")[0].replace(",", ""))
     free = int(line.split("bytes, ")[1].split(" are free there")[0].replace(",", ""))
-    assert abs(needed - size) < 1000 and 0 <= free < needed, line
+    assert abs(needed - size) < 1000, line
+    if NAMESPACE is not None:
+        assert 0 <= free < needed, line
+    else:  # the disk is not full: the free bytes are the file system's (other jobs may write meanwhile)
+        st = os.statvfs(logs)
+        assert abs(free - st.f_bavail * st.f_frsize) < 2 ** 26, line
     assert "the snapshots before step 9 are intact" in line and "training.keep_snapshots" in line and "--run" in line
     assert_snapshots_whole(logs, [3, 6])
 
