@@ -11,6 +11,7 @@ The mapping is checked to be total both ways, with matching shapes, before anyth
 import logging
 import os
 import re
+import zipfile
 
 import torch
 import yaml
@@ -97,7 +98,17 @@ def their_files(path):
 
 
 def read_their_checkpoint(path):
-    """Their [model state dict, Adam state dict], checked to be that shape; weights_only load."""
+    """Their [model state dict, Adam state dict], checked to be that shape and, when it is a zip archive (torch
+    1.6 and later), every member against its CRC-32 first; weights_only load."""
+    from checkpoint import damage
+
+    if zipfile.is_zipfile(path):
+        problem = damage(path)
+        if problem is not None:
+            raise NCSNError(f"{path} is {problem}: unpack or download the authors' checkpoint again")
+    elif os.path.isfile(path):
+        log.warning("%s is not a zip archive (torch's format before 1.6?): it holds no checksums and cannot be "
+                    "verified", path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file raises one of several types
@@ -161,7 +172,8 @@ def map_adam_state(their_optim, their_names, model, config):
 def import_authors(args):
     """--import_authors PATH --doc NAME: write run/logs/NAME (checkpoint.pth, config.yml) from their run; nothing
     is written unless every check passes."""
-    from runner import make_checkpoint, make_model
+    from checkpoint import make_checkpoint
+    from runner import make_model
     from schema import ConfigError, config_from_dict, config_to_dict
 
     run = Run(args.run, args.doc)

@@ -4,6 +4,8 @@ Its own module so that runner.py, metrics.py, evaluate.py and the tests can shar
 each other (no module here imports one that imports it back).
 """
 import dataclasses
+import errno
+import io
 import os
 import struct
 
@@ -46,23 +48,104 @@ def derive_seed(seed, stream, index=0):
 # ----------------------------------------------------------------------------------------------------------
 # Files
 
-def atomic_torch_save(obj, path):
-    """Write `obj` to `path` so that `path` is always either the old or the complete new file."""
+def atomic_write(path, write, size, hint=""):
+    """Write a file with `write(f)` (f open for binary writing) so that `path` is always either the old or the
+    complete new file; nothing else is left behind. A failed write (a full disk, a quota, a read-only or failing
+    file system) is a one-line NCSNError naming the file, the errno's meaning, the bytes it needed (`size()`,
+    asked only then) and the free bytes, and `hint`, the way out."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except Exception as e:
+        error = os_error(e)
+        if error is None:
+            raise
+        raise write_error(path, error, size(), hint) from e
+
+
+def atomic_torch_save(obj, path, hint=""):
+    """torch.save(obj) to `path` through atomic_write."""
+    atomic_write(path, lambda f: torch.save(obj, f), lambda: serialized_size(obj), hint)
+
+
+def atomic_write_bytes(path, data, hint=""):
+    """`data` (bytes) to `path` through atomic_write."""
+    atomic_write(path, lambda f: f.write(data), lambda: len(data), hint)
+
+
+def os_error(e):
+    """The OSError behind an exception, or None: torch's zip writer turns the OSError of a failed write into a
+    RuntimeError ("unexpected pos ...") whose context is that OSError."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def free_bytes(folder):
+    """Bytes an unprivileged process may still write on the file system of `folder` (os.statvfs), or None."""
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def write_error(path, error, needed, hint=""):
+    """The one-line NCSNError of a failed write of `needed` bytes to `path`."""
+    code = errno.errorcode.get(error.errno, "") if error.errno else ""
+    meaning = f"{error.strerror or os.strerror(error.errno)} ({code})" if error.errno else str(error)
+    free = free_bytes(os.path.dirname(os.path.abspath(path)))
+    space = f"it needs {needed:,} bytes, " + (f"{free:,} are free there" if free is not None else "free space unknown")
+    return NCSNError(f"cannot write {path}: {meaning}; {space}{f'; {hint}' if hint else ''}")
+
+
+class _ByteCounter:
+    """A write-only sink that only counts bytes: torch.save into it measures a file without writing one."""
+
+    def __init__(self):
+        self.n = 0
+
+    def write(self, b):
+        n = memoryview(b).nbytes
+        self.n += n
+        return n
+
+    def flush(self):
+        pass
+
+
+def serialized_size(obj):
+    """The bytes torch.save(obj) writes."""
+    counter = _ByteCounter()
+    torch.save(obj, counter)
+    return counter.n
+
+
+def atomic_save_image(images, path, hint="", **kwargs):
+    """torchvision's save_image(images, ...) as a PNG through atomic_write (no half-written image on a full
+    disk)."""
+    from torchvision.utils import save_image
+
+    buf = io.BytesIO()
+    save_image(images, buf, format="png", **kwargs)
+    atomic_write_bytes(path, buf.getvalue(), hint)
 
 
 SNAPSHOT_PREFIX, SNAPSHOT_SUFFIX = "checkpoint_", ".pth"

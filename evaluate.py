@@ -11,7 +11,7 @@ import time
 import torch
 
 import metrics
-from common import Run, chosen_checkpoint, derive_seed
+from common import Run, atomic_save_image, atomic_write_bytes, chosen_checkpoint, derive_seed
 from progress import Progress
 from data import data_space, dequantize, load_mnist
 from runner import draw_samples, dsm_loss, load_trained, make_score_fn, sampling_generator
@@ -51,10 +51,7 @@ def record_metrics(run, record, levels=None):
         with open(path) as f:
             records = json.load(f)
     records.append(record)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(records, indent=1).encode(), "free space there; the checkpoints are unchanged")
     from tensorboardX import SummaryWriter
     with SummaryWriter(run.tb_dir, filename_suffix=f".{time.time_ns()}") as writer:
         for k in ("fid", "inception_score", "mean_confidence", "white_share"):
@@ -95,9 +92,8 @@ def evaluate(args, config, device):
     if run.rank == 0:
         record["nearest"] = nearest_check(run_cfg.data.root, to_image(samples), test_u8, classifier, run.log_dir)
         record_metrics(run, record, levels)
-        from torchvision.utils import save_image
         grid = os.path.join(run.log_dir, f"eval_samples_{step}.png")  # what was scored, to look at
-        save_image(to_image(samples[:EVAL_GRID]).clamp(0, 1), grid, nrow=10, padding=2)
+        atomic_save_image(to_image(samples[:EVAL_GRID]).clamp(0, 1), grid, "free space there", nrow=10, padding=2)
         log.info("wrote %s (the first %d samples)", grid, min(EVAL_GRID, n))
     return 0
 
@@ -118,11 +114,10 @@ def nearest_check(data_root, images, test_u8, classifier, log_dir):
              summary["n_test"], summary["pixel_test"]["median"], summary["pixel_test"]["min"],
              summary["feature_test"]["median"], summary["feature_test"]["min"], summary["n_copies"],
              summary["copy_indices"] or "none")
-    from torchvision.utils import save_image
     order = distance.argsort()[:NEAREST_GRID]  # (k,) closest first
     pairs = torch.stack([images[order].float().clamp(0, 1), train[nearest[order]]], 1).flatten(0, 1)  # (2k, 1, 28, 28)
     path = os.path.join(log_dir, "nearest.png")
-    save_image(pairs, path, nrow=2 * NEAREST_PAIRS_A_ROW, padding=2)
+    atomic_save_image(pairs, path, "free space there", nrow=2 * NEAREST_PAIRS_A_ROW, padding=2)
     log.info("wrote %s (the %d samples nearest to a training image, each beside it)", path, len(order))
     return summary
 

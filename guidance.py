@@ -332,8 +332,9 @@ def main(argv=None):
     """python guidance.py --doc NAME: train (or load) the guidance classifier of run NAME's noise levels and
     print its test accuracy per level; --sample --digit would otherwise train it on first use."""
     from common import Run
+    from checkpoint import checkpoint_config, load_checkpoint
     from progress import setup_logging
-    from runner import checkpoint_config, get_sigmas, load_checkpoint
+    from runner import get_sigmas
 
     p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     p.add_argument("--run", default="run", help="output root of the run")

@@ -1,13 +1,13 @@
-"""Denoising score matching, annealed Langevin dynamics, checkpoints and the training loop of NCSN on MNIST.
+"""Denoising score matching, annealed Langevin dynamics and the training loop of NCSN on MNIST.
 
 Read top to bottom: the method's pure functions (`dsm_loss`, eq. 5 and 6 of Song & Ermon, 2019;
 `anneal_langevin_dynamics`, their Algorithm 1; `consistent_annealed_sampling`, the optional sampler of
-Jolicoeur-Martineau et al., 2021), the network as the method calls it, checkpoints and resume,
-the training loop (`train`) and the sampling command (`sample`). A checkpoint is one dict with named keys
-holding only tensors and plain values, so it loads with torch.load(weights_only=True).
+Jolicoeur-Martineau et al., 2021), the network as the method calls it, the training loop (`train`) and the
+sampling command (`sample`). Checkpoints and resume are in checkpoint.py.
 """
 import copy
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -19,29 +19,17 @@ import torch
 import yaml
 
 import devices
-from common import (NCSNError, Interrupted, Run, atomic_torch_save, chosen_checkpoint, derive_seed,
-                    numbered_snapshots, output_paths, snapshot_name)
+from checkpoint import (check_resumable, checkpoint_config, latest_checkpoint, load_checkpoint, load_model_state,
+                        make_checkpoint, restore, save_checkpoint)
+from common import (NCSNError, Interrupted, Run, atomic_save_image, atomic_torch_save, atomic_write_bytes,
+                    chosen_checkpoint, derive_seed, output_paths)
 from data import MNIST_MEAN, batch_noise, data_space, dequantize, epoch_permutation, load_mnist, logit_transform
 from model import CondRefineNetDilated
 from progress import Progress, duration
-from schema import ConfigError, config_from_dict, config_to_dict, with_legacy_values
+from schema import config_to_dict
 
 log = logging.getLogger("ncsn")
 
-CHECKPOINT_FORMAT = 1
-# Keys that fix the network's shape: a checkpoint with other values cannot be loaded.
-ARCHITECTURE_KEYS = ("model.ngf", "model.num_classes", "data.channels", "data.image_size")
-# Keys a resumed run may change; any other difference to the checkpoint's config is an error.
-RESUMABLE_CHANGES = {
-    "training.n_epochs", "training.n_iters", "training.snapshot_freq", "training.test_freq", "training.log_freq",
-    "training.keep_snapshots", "training.max_minutes", "training.snapshot_grid", "training.snapshot_steps_each",
-    "data.root", "model.ema_warmup",
-    "sampling.n_steps_each", "sampling.step_lr", "sampling.n_samples", "sampling.batch_size", "sampling.n_frames",
-    "sampling.denoise", "sampling.ema", "sampling.init", "sampling.guidance_scale", "sampling.sampler",
-    "fast.bf16", "fast.fast_kernels", "fast.fused_adam", "fast.channels_last", "fast.tf32", "fast.cudnn_benchmark",
-    "fast.compile",
-    "eval.n_samples", "eval.n_samples_cpu", "eval.every_snapshots", "eval.n_training", "eval.loss_images",
-    "eval.loss_images_cpu"}
 CAS_TOLERANCE = 1e-6  # relative slack of consistent sampling's step_lr bounds, for sigmas stored in float32
 EMA_WARMUP_STEPS = 10  # the warm-up decay (1 + t) / (EMA_WARMUP_STEPS + t): 0.1 at t = 0, 0.99 at t = 890
 
@@ -253,149 +241,11 @@ def make_score_fn(model, config, device, sigmas):
     return score_fn
 
 
-def load_model_state(model, state, path):
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise NCSNError(f"checkpoint {path} holds a different architecture: "
-                        f"{str(e).splitlines()[0]}") from e
-
-
 def make_optimizer(config, model):
     return torch.optim.Adam(model.parameters(), lr=config.optim.lr, betas=(config.optim.beta1, 0.999),
                             weight_decay=config.optim.weight_decay, amsgrad=config.optim.amsgrad,
                             fused=True if config.fast.fused_adam and devices.fused_adam_ok(
                                 next(model.parameters()).device) else None)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints and resume
-
-def make_checkpoint(config, model, ema, optimizer, generator, step, seed):
-    """The whole state of a run after `step` as one dict (model from the unwrapped module)."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "model": model.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,  # EMA weights when model.ema is on
-        "optimizer": optimizer.state_dict(),
-        "step": step,  # the last completed step; training goes on at step + 1
-        "config": config_to_dict(config),
-        "seed": seed,  # the run's --seed: the data order and noise of every later step derive from it
-        "rng": {"generator": generator.get_state(), "generator_device": generator.device.type,
-                "torch_cpu": torch.get_rng_state()},
-    }
-
-
-def save_checkpoint(run, state, numbered, keep_snapshots):
-    """checkpoint_<step>.pth (when numbered) and checkpoint.pth, atomically; rank 0 only."""
-    if run.rank != 0:
-        return
-    step = state["step"]
-    if numbered:
-        path = os.path.join(run.log_dir, snapshot_name(step))
-        atomic_torch_save(state, path)
-        tmp = f"{run.ckpt_path}.tmp.{os.getpid()}"
-        try:  # checkpoint.pth as a hard link to the same bytes, swapped in atomically
-            os.link(path, tmp)
-            os.replace(tmp, run.ckpt_path)
-        except OSError:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            atomic_torch_save(state, run.ckpt_path)
-        if keep_snapshots > 0:
-            for _, name in numbered_snapshots(run.log_dir)[:-keep_snapshots]:
-                os.remove(os.path.join(run.log_dir, name))
-    else:
-        atomic_torch_save(state, run.ckpt_path)
-    log.info("step %d: saved %s", step, f"{snapshot_name(step)} and checkpoint.pth" if numbered
-             else "checkpoint.pth")
-
-
-def load_checkpoint(path, device="cpu"):
-    """Read a checkpoint dict with weights_only=True onto `device`; a one-line NCSNError if unreadable."""
-    if not os.path.isfile(path):
-        raise NCSNError(f"no checkpoint at {path}: train this run first")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises several types for a truncated or foreign file
-        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
-        raise NCSNError(f"checkpoint {path} is truncated or not a checkpoint of this code "
-                        f"({type(e).__name__}: {first})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise NCSNError(f"checkpoint {path} is not a checkpoint of this code (no 'format': {CHECKPOINT_FORMAT})")
-    return ckpt
-
-
-def latest_checkpoint(run, device):
-    """The newest complete snapshot of the run, for --resume_training; None if it has none yet.
-
-    checkpoint.pth is normally the newest; a numbered snapshot is newer only when a crash came between
-    writing checkpoint_<step>.pth and swapping checkpoint.pth to it.
-    """
-    if not os.path.isdir(run.log_dir):
-        raise NCSNError(f"no run folder {run.log_dir} to resume: train it first (without --resume_training)")
-    numbered = numbered_snapshots(run.log_dir)
-    if not os.path.exists(run.ckpt_path) and not numbered:
-        log.warning("%s holds no checkpoint yet (stopped before its first snapshot): starting at step 1",
-                    run.log_dir)
-        return None
-    ckpt = load_checkpoint(run.ckpt_path, device) if os.path.exists(run.ckpt_path) else None
-    if numbered and (ckpt is None or numbered[-1][0] > ckpt["step"]):
-        path = os.path.join(run.log_dir, numbered[-1][1])
-        log.warning("resuming from %s, newer than checkpoint.pth", path)
-        ckpt = load_checkpoint(path, device)
-    return ckpt
-
-
-def checkpoint_config(ckpt, path):
-    """The config a checkpoint was trained with: keys it predates take their schema.LEGACY_VALUES, else their
-    defaults; a config that no longer validates is a one-line NCSNError."""
-    try:
-        return config_from_dict(with_legacy_values(ckpt["config"]), source=f"config in {path}")
-    except ConfigError as e:
-        raise NCSNError(str(e)) from e
-
-
-def config_differences(old, new):
-    """Dotted keys whose values differ between two config dicts."""
-    return sorted(f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k])
-
-
-def check_resumable(ckpt, config, path):
-    """Resuming needs the checkpoint's settings, except for RESUMABLE_CHANGES: a one-line error otherwise."""
-    old, new = config_to_dict(checkpoint_config(ckpt, path)), config_to_dict(config)
-    changed = config_differences(old, new)
-    arch = [k for k in ARCHITECTURE_KEYS if k in changed]
-    if arch:
-        k = arch[0]
-        s, f = k.split(".")
-        raise NCSNError(f"checkpoint {path} is of a different architecture: it has {k} = "
-                        f"{old.get(s, {}).get(f)!r}, the config asks for {new[s][f]!r}")
-    refused = [k for k in changed if k not in RESUMABLE_CHANGES]
-    if refused:
-        raise NCSNError(f"the config differs from the checkpoint's in {', '.join(refused)}: resuming needs "
-                        f"the same settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
-    for k in changed:
-        log.info("resuming with %s changed", k)
-
-
-def restore(ckpt, model, ema, optimizer, generator, config, path):
-    """Load model, EMA, optimizer and RNG state from `ckpt` in place; returns its last completed step."""
-    load_model_state(model, ckpt["model"], path)
-    if ema is not None:
-        load_model_state(ema, ckpt["ema"], path)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    for group in optimizer.param_groups:  # the kernel choice is this run's config's, not the checkpoint's
-        group["fused"] = True if config.fast.fused_adam else None
-    rng = ckpt["rng"]
-    torch.set_rng_state(rng["torch_cpu"].cpu())
-    if rng["generator_device"] == generator.device.type:
-        generator.set_state(rng["generator"].cpu())
-    else:  # a CPU and a CUDA generator have different states: continue with a derived stream
-        generator.manual_seed(derive_seed(ckpt["seed"], "resume_other_device", ckpt["step"]))
-        log.warning("checkpoint made on %s, resumed on %s: the random stream differs from an unbroken run",
-                    rng["generator_device"], generator.device.type)
-    return ckpt["step"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -550,7 +400,7 @@ def train(args, config, device, on_snapshot=None):
     if not args.resume_training and (os.path.exists(run.log_dir) or os.path.exists(run.tb_dir)):
         raise NCSNError(f"run folder {run.log_dir} already exists: pick another --doc, or pass "
                         f"--resume_training to continue it")
-    ckpt = latest_checkpoint(run, device) if args.resume_training else None
+    ckpt = latest_checkpoint(run) if args.resume_training else None  # on the CPU: restore moves it
     if ckpt is not None:
         check_resumable(ckpt, config, run.ckpt_path)
         if ckpt["seed"] != args.seed:
@@ -811,13 +661,16 @@ def write_samples(samples, frames, names, to_image, nrow=None):
     """The grid PNG (rows of `nrow` images; default a square), the raw tensor and the GIF of the trajectory
     frames."""
     from PIL import Image
-    from torchvision.utils import make_grid, save_image
+    from torchvision.utils import make_grid
 
+    hint = "free space there or write to another -o"  # each file whole or not there, no temporary one left
     images = to_image(samples).clamp(0, 1)
-    save_image(images, names["samples.png"], nrow=nrow or math.ceil(math.sqrt(len(images))), padding=2)
-    atomic_torch_save(samples, names["samples.pt"])
+    atomic_save_image(images, names["samples.png"], hint, nrow=nrow or math.ceil(math.sqrt(len(images))), padding=2)
+    atomic_torch_save(samples, names["samples.pt"], hint)
     nrow = math.ceil(math.sqrt(len(frames[0])))
     pil = [Image.fromarray(make_grid(f, nrow=nrow, padding=2)[0].mul(255).round().byte().numpy(), mode="L")
            for f in frames]
-    pil[0].save(names["movie.gif"], save_all=True, append_images=pil[1:], duration=[60] * (len(pil) - 1) + [2000],
+    gif = io.BytesIO()
+    pil[0].save(gif, format="GIF", save_all=True, append_images=pil[1:], duration=[60] * (len(pil) - 1) + [2000],
                 loop=0)
+    atomic_write_bytes(names["movie.gif"], gif.getvalue(), hint)

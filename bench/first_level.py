@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 import devices  # noqa: E402
 import main as cli  # noqa: E402
+import checkpoint  # noqa: E402
 import runner  # noqa: E402
 from common import NCSNError  # noqa: E402
 from metrics import WHITE_MEAN  # noqa: E402
@@ -41,7 +42,7 @@ def first_level(score_fn, x0, sigmas, n_steps_each, step_lr, generator):
 def probe(path, use_ema, n, seed, device):
     """(step, {start: (median mean pixel, white share)}) of n chains after the first level, for the checkpoint
     `path` loaded as --sample loads it: its own sampling settings, in fp32 and uncompiled, raw or EMA weights."""
-    cfg = runner.checkpoint_config(runner.load_checkpoint(path), path)
+    cfg = checkpoint.checkpoint_config(checkpoint.load_checkpoint(path), path)
     if use_ema and not cfg.model.ema:
         raise SystemExit(f"{path} holds no EMA weights (model.ema was off)")
     cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, ema=use_ema),

@@ -36,9 +36,9 @@ def test_quick_recipe_trains_and_samples_at_a_tiny_size(tmp_path, fake_mnist):
 def test_the_readme_lists_exactly_the_keys_a_resume_may_change():
     import re
 
-    import runner
+    import checkpoint
 
     with open(os.path.join(REPO, "README.md")) as f:
         text = f.read()
     block = text.split("<!-- resumable keys -->")[1].split("<!-- /resumable keys -->")[0]
-    assert set(re.findall(r"`([a-z_]+\.[a-z_0-9]+)`", block)) == runner.RESUMABLE_CHANGES
+    assert set(re.findall(r"`([a-z_]+\.[a-z_0-9]+)`", block)) == checkpoint.RESUMABLE_CHANGES

@@ -114,6 +114,7 @@ def test_a_missing_fast_path_switch_falls_back_with_one_line(monkeypatch, tmp_pa
     """bf16 autocast and fused Adam reported missing (as on some MPS versions): the run trains in fp32 with
     torch's default Adam, and says so once each."""
     import runner
+    import schema
 
     devices.bf16_autocast_ok.cache_clear()
     devices.fused_adam_ok.cache_clear()
@@ -137,7 +138,7 @@ def test_a_missing_fast_path_switch_falls_back_with_one_line(monkeypatch, tmp_pa
         assert err.count("fused Adam is not available on cpu; using torch's default Adam") == 1
         assert "precision on cpu: fp32, bf16 autocast off" in err
         assert made == [None]  # the run's optimiser is torch's default Adam
-        with runner.autocast(runner.config_from_dict(cfg), torch.device("cpu")):
+        with runner.autocast(schema.config_from_dict(cfg), torch.device("cpu")):
             assert not torch.is_autocast_enabled("cpu")
     finally:
         devices.bf16_autocast_ok.cache_clear()

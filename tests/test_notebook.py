@@ -126,6 +126,7 @@ def test_notebook_runs_with_its_own_defaults_after_the_readme_quick_commands(fak
                                capture_output=True, text=True, timeout=300)
             assert p.returncode == 0, p.stderr
         nb = read_notebook()
+        nbclient = notebook_modules()[0]
         client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": work}})
         client.execute()
         text = "".join(outputs(nb, "stream"))
