@@ -515,7 +515,8 @@ class TrainState:
         per-sample loss (b,) and levels (b,). The whole global batch's noise is drawn on every rank, which keeps
         its slice: the run is the same for any number of ranks, and resumes with any number."""
         cfg = self.config
-        u, labels, z = batch_noise(self.generator, len(order), len(self.sigmas), self.device)
+        u, labels, z = batch_noise(self.generator, len(order), len(self.sigmas), self.device,
+                                   stratified=cfg.training.stratified_levels)
         own = slice(*self.run.shard(len(order)))
         x = self.to_model(dequantize(images_u8[order[own]], u=u[own]))  # (b, 1, 28, 28)
         loss, _ = dsm_loss(self.score_fn, x, self.sigmas, labels=labels[own], z=z[own],

@@ -23,6 +23,8 @@ class Training:
     log_freq: int = 10  # read the training loss back from the device every this many steps
     keep_snapshots: int = 0  # keep only the newest k checkpoint_<step>.pth; 0 keeps all
     anneal_power: float = 2.0  # lambda(sigma) = sigma ** anneal_power weights each level (eq. 6)
+    stratified_levels: bool = False  # false: a random level for each image (the paper). true: each global batch
+    # gives every level the same share, batch // L images (the remainder to levels drawn at random), in random order
 
 
 @dataclasses.dataclass(frozen=True)
