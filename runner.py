@@ -37,7 +37,7 @@ RESUMABLE_CHANGES = {
     "sampling.n_steps_each", "sampling.step_lr", "sampling.n_samples", "sampling.batch_size", "sampling.n_frames",
     "sampling.denoise", "sampling.ema", "sampling.init", "sampling.guidance_scale", "sampling.sampler",
     "fast.bf16", "fast.fast_kernels", "fast.fused_adam", "fast.channels_last", "fast.tf32", "fast.cudnn_benchmark",
-    "fast.compile",
+    "fast.compile", "fast.compile_norms",
     "eval.n_samples", "eval.n_samples_cpu", "eval.every_snapshots", "eval.n_training", "eval.loss_images",
     "eval.loss_images_cpu"}
 CAS_TOLERANCE = 1e-6  # relative slack of consistent sampling's step_lr bounds, for sigmas stored in float32
@@ -224,10 +224,13 @@ def make_model(config, device):
 
 
 def compile_model(model, config):
-    """torch.compile the module in place when fast.compile is on: its forward is compiled on first call, its
-    parameters and state_dict keys are unchanged (so checkpoints and EMA see the plain module)."""
+    """torch.compile the module in place when fast.compile is on (or only its CIN++ and ELU with
+    fast.compile_norms): compiled on first call, its parameters and state_dict keys unchanged (so checkpoints and
+    EMA see the plain module)."""
     if config.fast.compile:
         model.compile(dynamic=False)  # a static graph per batch size: symbolic shapes compile far slower
+    elif config.fast.compile_norms:
+        model.compile_norms(dynamic=False)
     return model
 
 
