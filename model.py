@@ -288,11 +288,22 @@ class CondRefineNetDilated(nn.Module):
 
     def compile_norms(self, **options):
         """torch.compile only CIN++ and the ELU after it (cin_plus_elu, one compiled function shared by every
-        CIN++ of the network): the convolutions stay eager. Much less to compile than the whole network."""
+        CIN++ of the network): the convolutions stay eager. Much less to compile than the whole network.
+
+        Only the first batch size met with gradients and the first without are compiled; any other runs the same
+        function eagerly. So the short last batch of an epoch (32 images at batch 64) costs one slower step instead
+        of compiling every graph again (as long as the first)."""
         # one graph per input shape, with and without the ELU, for training and for inference: more than dynamo's
         # default of 8 recompilations of one function
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        fused = torch.compile(cin_plus_elu, **options)
+        compiled = torch.compile(cin_plus_elu, **options)
+        batch = {}  # torch.is_grad_enabled() -> the batch size compiled for
+
+        def fused(x, y, weight, eps, elu):
+            if batch.setdefault(torch.is_grad_enabled(), x.shape[0]) != x.shape[0]:
+                return cin_plus_elu(x, y, weight, eps, elu)
+            return compiled(x, y, weight, eps, elu)
+
         for m in self.modules():
             if isinstance(m, CondInstanceNormPlus):
                 m.fused = fused
