@@ -37,7 +37,7 @@ RESUMABLE_CHANGES = {
     "sampling.n_steps_each", "sampling.step_lr", "sampling.n_samples", "sampling.batch_size", "sampling.n_frames",
     "sampling.denoise", "sampling.ema", "sampling.init", "sampling.guidance_scale", "sampling.sampler",
     "fast.bf16", "fast.fast_kernels", "fast.fused_adam", "fast.channels_last", "fast.tf32", "fast.cudnn_benchmark",
-    "fast.compile", "fast.compile_norms",
+    "fast.compile",
     "eval.n_samples", "eval.n_samples_cpu", "eval.every_snapshots", "eval.n_training", "eval.loss_images",
     "eval.loss_images_cpu"}
 CAS_TOLERANCE = 1e-6  # relative slack of consistent sampling's step_lr bounds, for sigmas stored in float32
