@@ -74,11 +74,24 @@ def data_space(config):
     return (lambda x: x), (lambda x: x)
 
 
-def batch_noise(generator, batch, num_levels, device, shape=(1, 28, 28)):
+def stratified_levels(generator, batch, num_levels, device):
+    """Levels (B,) in which each of the L levels appears batch // L times and batch % L levels, chosen at random,
+    once more; in a random order. Two draws from `generator`: the levels of the remainder, then the order."""
+    extra = torch.randperm(num_levels, generator=generator, device=device)[: batch % num_levels]
+    levels = torch.cat([torch.arange(num_levels, device=device).repeat(batch // num_levels), extra])
+    return levels[torch.randperm(batch, generator=generator, device=device)]
+
+
+def batch_noise(generator, batch, num_levels, device, shape=(1, 28, 28), stratified=False):
     """The randomness of one training step, in the order a single process draws it: the dequantization
-    noise u ~ U[0, 1) (B, 1, 28, 28), the levels i ~ U{0..L-1} (B,) and z ~ N(0, I) (B, 1, 28, 28)."""
+    noise u ~ U[0, 1) (B, 1, 28, 28), the levels (B,) and z ~ N(0, I) (B, 1, 28, 28). The levels are
+    i ~ U{0..L-1} for each image (the paper), or with `stratified` (training.stratified_levels) the same share
+    of the batch for every level (stratified_levels). Callers draw the whole global batch on every rank."""
     u = torch.rand((batch, *shape), generator=generator, device=device)
-    labels = torch.randint(num_levels, (batch,), generator=generator, device=device)
+    if stratified:
+        labels = stratified_levels(generator, batch, num_levels, device)
+    else:
+        labels = torch.randint(num_levels, (batch,), generator=generator, device=device)
     z = torch.randn((batch, *shape), generator=generator, device=device)
     return u, labels, z
 

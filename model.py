@@ -39,6 +39,23 @@ def fast_elu_fn(x):
     return _FastELU.apply(x)
 
 
+def cin_plus_elu(x, y, weight, eps, elu):
+    """CIN++ of x (B, C, H, W) at levels y (B,) with the embedding `weight` (L, 3C), then ELU when `elu`: the same
+    function as CondInstanceNormPlus (and the ELU after it) written as one graph for torch.compile, which fuses it
+    into a statistics pass and an output pass (forward and backward). fp32 only."""
+    gamma, alpha, beta = F.embedding(y, weight).chunk(3, dim=-1)  # each (B, C)
+    var, mu = torch.var_mean(x, dim=(2, 3), correction=0)  # (B, C)
+    m = mu.mean(dim=-1, keepdim=True)  # (B, 1)
+    v = mu.var(dim=-1, keepdim=True)  # (B, 1), unbiased
+    mu_hat = (mu - m) * torch.rsqrt(v + eps)
+    inv_std = torch.rsqrt(var + eps)
+    scale = gamma * inv_std
+    shift = beta + gamma * (alpha * mu_hat - mu * inv_std)
+    out = x * scale[..., None, None] + shift[..., None, None]
+    # ELU as _FastELU computes it: inductor's CPU expm1 is scalar code, 30x slower here than its exp
+    return torch.relu(out) + torch.exp(out.clamp(max=0)) - 1 if elu else out
+
+
 class CondInstanceNormPlus(nn.Module):
     """Conditional instance normalization++ (appendix B.1, eq. 17 of the paper).
 
@@ -54,11 +71,18 @@ class CondInstanceNormPlus(nn.Module):
         self.num_features = num_features
         self.eps = eps
         self.fast = False  # statistics from E[x] and E[x^2] in fp32 (6x faster on CPU than var_mean)
+        self.fused = None  # cin_plus_elu under torch.compile (CondRefineNetDilated.compile_norms)
         self.embed = nn.Embedding(num_classes, 3 * num_features)  # rows: (gamma | alpha | beta)
         self.embed.weight.data[:, : 2 * num_features].normal_(1, 0.02)
         self.embed.weight.data[:, 2 * num_features:].zero_()
 
-    def forward(self, x, y):  # x (B, C, H, W), y (B,) long
+    def forward(self, x, y, act=None):  # x (B, C, H, W), y (B,) long; act: the activation after it, if any
+        if self.fused is not None and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            return self.fused(x, y, self.embed.weight, self.eps, act is not None)
+        out = self.norm(x, y)
+        return out if act is None else act(out)
+
+    def norm(self, x, y):
         gamma, alpha, beta = self.embed(y).chunk(3, dim=-1)  # each (B, C)
         # Statistics and the affine map in fp32 even under bf16 autocast (which keeps its own normalisations in
         # fp32 for the same reason): x * a + b with a = gamma / sigma_k, b ~ -mu_k a cancels mu_k. In bf16,
@@ -123,8 +147,8 @@ class CondResBlock(nn.Module):
         assert down or c_in == c_out, "a plain block keeps its width"
 
     def forward(self, x, y):
-        h = self.conv1(self.act(self.norm1(x, y)))
-        h = self.conv2(self.act(self.norm2(h, y)))
+        h = self.conv1(self.norm1(x, y, self.act))
+        h = self.conv2(self.norm2(h, y, self.act))
         return h + (x if self.shortcut is None else self.shortcut(x))
 
 
@@ -142,7 +166,7 @@ class CondRCU(nn.Module):
         for b in range(self.n_blocks):
             h = x
             for s in range(b * self.n_stages, (b + 1) * self.n_stages):
-                h = self.convs[s](self.act(self.norms[s](h, y)))
+                h = self.convs[s](self.norms[s](h, y, self.act))
             x = x + h
         return x
 
@@ -264,6 +288,29 @@ class CondRefineNetDilated(nn.Module):
             if isinstance(m, (CondInstanceNormPlus, CondCRP)):
                 m.fast = fast_kernels
 
+    def compile_norms(self, **options):
+        """torch.compile only CIN++ and the ELU after it (cin_plus_elu, one compiled function shared by every
+        CIN++ of the network): the convolutions stay eager. Much less to compile than the whole network.
+
+        Only the first batch size met with gradients and the first without are compiled; any other runs the same
+        function eagerly. So the short last batch of an epoch (32 images at batch 64) costs one slower step instead
+        of compiling every graph again (as long as the first)."""
+        # one graph per input shape, with and without the ELU, for training and for inference: more than dynamo's
+        # default of 8 recompilations of one function
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        compiled = torch.compile(cin_plus_elu, **options)
+        batch = {}  # torch.is_grad_enabled() -> the batch size compiled for
+
+        def fused(x, y, weight, eps, elu):
+            if batch.setdefault(torch.is_grad_enabled(), x.shape[0]) != x.shape[0]:
+                return cin_plus_elu(x, y, weight, eps, elu)
+            return compiled(x, y, weight, eps, elu)
+
+        for m in self.modules():
+            if isinstance(m, CondInstanceNormPlus):
+                m.fused = fused
+        return self
+
     @staticmethod
     def _stage(blocks, x, y):
         for block in blocks:
@@ -283,6 +330,6 @@ class CondRefineNetDilated(nn.Module):
         ref2 = self.refine2([layer3, ref1], y, layer3.shape[-2:])  # (B, 2C, 14, 14)
         ref3 = self.refine3([layer2, ref2], y, layer2.shape[-2:])  # (B, C, 14, 14)
         out = self.refine4([layer1, ref3], y, layer1.shape[-2:])  # (B, C, 28, 28)
-        h = self.act(self.end_norm(out, y))
+        h = self.end_norm(out, y, self.act)
         with torch.autocast(x.device.type, enabled=False):  # the score in fp32 as well
             return self.end_conv(h.float())  # (B, 1, 28, 28)

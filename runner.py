@@ -214,10 +214,13 @@ def make_model(config, device):
 
 
 def compile_model(model, config):
-    """torch.compile the module in place when fast.compile is on: its forward is compiled on first call, its
-    parameters and state_dict keys are unchanged (so checkpoints and EMA see the plain module)."""
+    """torch.compile the module in place when fast.compile is on (or only its CIN++ and ELU with
+    fast.compile_norms): compiled on first call, its parameters and state_dict keys unchanged (so checkpoints and
+    EMA see the plain module)."""
     if config.fast.compile:
         model.compile(dynamic=False)  # a static graph per batch size: symbolic shapes compile far slower
+    elif config.fast.compile_norms:
+        model.compile_norms(dynamic=False)
     return model
 
 
@@ -367,7 +370,8 @@ class TrainState:
         per-sample loss (b,) and levels (b,). The whole global batch's noise is drawn on every rank, which keeps
         its slice: the run is the same for any number of ranks, and resumes with any number."""
         cfg = self.config
-        u, labels, z = batch_noise(self.generator, len(order), len(self.sigmas), self.device)
+        u, labels, z = batch_noise(self.generator, len(order), len(self.sigmas), self.device,
+                                   stratified=cfg.training.stratified_levels)
         own = slice(*self.run.shard(len(order)))
         x = self.to_model(dequantize(images_u8[order[own]], u=u[own]))  # (b, 1, 28, 28)
         loss, _ = dsm_loss(self.score_fn, x, self.sigmas, labels=labels[own], z=z[own],

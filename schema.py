@@ -29,6 +29,8 @@ class Training:
     snapshot_grid: int = 0  # at each numbered snapshot, draw this many samples into TensorBoard and
     # <run>/logs/<doc>/snapshot_grids/ with snapshot_steps_each Langevin steps a level; 0 = off
     snapshot_steps_each: int = 5  # the snapshot grid's steps a level (its step_lr: NCSNv2's rule for this T)
+    stratified_levels: bool = False  # false: a random level for each image (the paper). true: each global batch
+    # gives every level the same share, batch // L images (the remainder to levels drawn at random), in random order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +111,8 @@ class Fast:
     cudnn_benchmark: bool = False  # CUDA only: let cuDNN time its kernels and keep the fastest (off with --deterministic)
     compile: bool = False  # torch.compile the network for training and sampling (fp32: the same sums, fused);
     # compiling takes minutes on a CPU, once per process and once more for a new batch size
+    compile_norms: bool = False  # torch.compile only each CIN++ with the ELU after it (model.cin_plus_elu), for
+    # training and sampling; the convolutions stay eager: seconds to compile instead of minutes (fast.compile wins)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ def test_the_shipped_config_has_the_published_settings():
     assert (c.optim.optimizer, c.optim.lr, c.optim.beta1, c.optim.weight_decay, c.optim.amsgrad) == \
         ("Adam", 0.001, 0.9, 0.0, False)
     assert (c.optim.lr_schedule, c.optim.warmup) == ("constant", 0)
+    assert c.training.stratified_levels is False  # a random level for each image, as the paper
     assert (c.sampling.n_steps_each, c.sampling.step_lr, c.sampling.sampler) == (100, 0.00002, "langevin")
     # the one departure: the chain starts at MNIST's mean + sigma_1 z, not U[0, 1] (README, white samples)
     assert c.sampling.init == "gaussian"

@@ -113,3 +113,15 @@ def test_metrics_during_training_on_two_processes(runs):
     records = json.load(open(tmp / "run" / "logs" / "metrics" / "metrics.json"))
     assert [(r["step"], r["n_samples"]) for r in records] == [(2, 6), (4, 6)]
     assert all(abs(sum(r["class_shares"]) - 1) < 1e-9 for r in records)
+
+
+def test_stratified_levels_are_the_same_for_two_processes_as_for_one(runs):
+    """training.stratified_levels stratifies the global batch, drawn whole on every rank: 2 ranks train what 1 does."""
+    import yaml
+    tmp, c4, c8 = runs
+    cfg = yaml.safe_load(open(c4))
+    cfg["training"]["stratified_levels"] = True
+    strat = write_config(tmp / "strat.yml", cfg)
+    torchrun(1, "--config", strat, "--doc", "strat_one", cwd=tmp)
+    torchrun(2, "--config", strat, "--doc", "strat_two", cwd=tmp)
+    assert_close_params(params(tmp, "strat_one"), params(tmp, "strat_two"))

@@ -135,3 +135,84 @@ def test_crp_fast_pooling_is_unbiased_under_bf16():
     assert abs(ratio - 1) < 2e-4, f"mean ratio of bf16 pooling to the fp32 average: {ratio:.6f}"
     # and in fp32 the fast pooling stays the average pool
     torch.testing.assert_close(crp.pool(x), ref, rtol=0, atol=1e-6)
+
+
+def test_cin_plus_elu_is_cin_plus_then_elu_with_its_gradients():
+    """model.cin_plus_elu, the one-graph form that fast.compile_norms compiles, against CIN++ written literally."""
+    from model import cin_plus_elu
+    torch.manual_seed(0)
+    w = torch.randn(4, 3 * 6, dtype=torch.float64, requires_grad=True)  # (L, 3C): not the initial rows
+    x = (torch.randn(5, 6, 7, 7, dtype=torch.float64) * 3 + torch.randn(5, 6, 1, 1, dtype=torch.float64))
+    x.requires_grad_()
+    y = torch.tensor([0, 1, 2, 3, 1])
+    g = torch.randn(5, 6, 7, 7, dtype=torch.float64)
+    for elu in (False, True):
+        ours = cin_plus_elu(x, y, w, 1e-5, elu)
+        ref = reference_cin_plus(x, y, w)
+        ref = F.elu(ref) if elu else ref
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+        for a, b in zip(torch.autograd.grad(ours, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
+def graph_counter():
+    """A torch.compile backend that runs the captured graphs as they are and counts them (no inductor)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend, graphs
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_compile_norms_keeps_the_function_and_the_state_dict(channels_last):
+    """compile_norms routes every CIN++ (and the ELU after it) through one compiled function: the same outputs
+    and parameter gradients as the eager network, the same state_dict keys, and the graphs are really used."""
+    torch.manual_seed(0)
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    eager = CondRefineNetDilated(ngf=4, num_classes=4).to(memory_format=mf)
+    fused = CondRefineNetDilated(ngf=4, num_classes=4).to(memory_format=mf)
+    fused.load_state_dict(eager.state_dict())
+    backend, graphs = graph_counter()
+    try:
+        fused.compile_norms(backend=backend, dynamic=False)
+        assert list(fused.state_dict()) == list(eager.state_dict())
+        x = torch.rand(3, 1, 28, 28).contiguous(memory_format=mf)
+        y = torch.tensor([0, 3, 1])
+        outs = [net(x, y) for net in (eager, fused)]
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+        # 4 CIN++ shapes (4 x 28^2, 8 x 14^2, 4 x 14^2 and 8 x 14^2 without ELU...), each with and without ELU
+        assert len(graphs) >= 4
+        for out in outs:
+            (out ** 2).sum().backward()
+        for (name, a), b in zip(eager.named_parameters(), fused.parameters()):  # fp32 sums in another order
+            err = ((b.grad - a.grad).norm() / a.grad.norm()).item()
+            assert err < 1e-4, f"{name}: the gradient differs by {err:.2g} of its norm"
+        with torch.inference_mode():  # as the sampler calls it
+            torch.testing.assert_close(fused(x, y), eager(x, y), rtol=1e-4, atol=1e-5)
+        n = len(graphs)
+        # another batch size (the short last batch of an epoch) runs eagerly: the same values, nothing compiled
+        torch.testing.assert_close(fused(x[:2], y[:2]), eager(x[:2], y[:2]), rtol=1e-4, atol=1e-5)
+        assert len(graphs) == n
+    finally:
+        torch._dynamo.reset()
+
+
+def test_cin_plus_elu_under_inductor_equals_eager():
+    """The inductor kernels of cin_plus_elu (forward and backward, a tiny shape) compute the eager function."""
+    from model import cin_plus_elu
+    torch.manual_seed(0)
+    w = torch.randn(3, 12, requires_grad=True)
+    x = (torch.randn(2, 4, 5, 5) * 2 + 1).requires_grad_()
+    y = torch.tensor([2, 0])
+    try:
+        compiled = torch.compile(cin_plus_elu, dynamic=False)
+        out = compiled(x, y, w, 1e-5, True)
+        ref = cin_plus_elu(x, y, w, 1e-5, True)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
