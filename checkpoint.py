@@ -32,7 +32,7 @@ RESUMABLE_CHANGES = {
     "sampling.n_steps_each", "sampling.step_lr", "sampling.n_samples", "sampling.batch_size", "sampling.n_frames",
     "sampling.denoise", "sampling.ema", "sampling.init", "sampling.guidance_scale", "sampling.sampler",
     "fast.bf16", "fast.fast_kernels", "fast.fused_adam", "fast.channels_last", "fast.tf32", "fast.cudnn_benchmark",
-    "fast.compile",
+    "fast.compile", "fast.compile_norms",
     "eval.n_samples", "eval.n_samples_cpu", "eval.every_snapshots", "eval.n_training", "eval.loss_images",
     "eval.loss_images_cpu"}
 
