@@ -106,7 +106,7 @@ class Fast:
     bf16: bool = False  # bf16 autocast (fp32 master weights; the input and output convolutions stay fp32)
     fast_kernels: bool = True  # same functions, faster kernels: ELU, CIN++ statistics, 5x5 mean pool (model.py)
     fused_adam: bool = True  # one fused kernel for the Adam update
-    channels_last: bool = False  # NHWC layout (slower on the CPUs measured here, try it on a GPU)
+    channels_last: bool = False  # NHWC: slower at ngf 64 on the CPUs measured, faster at ngf 8 (docs/speed.md)
     tf32: bool = False  # CUDA only: TF32 matmuls and convolutions (10-bit mantissa); off = true fp32
     cudnn_benchmark: bool = False  # CUDA only: let cuDNN time its kernels and keep the fastest (off with --deterministic)
     compile: bool = False  # torch.compile the network for training and sampling (fp32: the same sums, fused);
