@@ -59,8 +59,8 @@ def test_guidance_and_first_level_run_on_the_device_they_are_given(monkeypatch, 
 
     monkeypatch.setattr(bench.runner, "load_trained", load_trained)
     if name == "first_level":
-        monkeypatch.setattr(bench.runner, "load_checkpoint", lambda path: {})
-        monkeypatch.setattr(bench.runner, "checkpoint_config", lambda ckpt, path: tiny_config_object())
+        monkeypatch.setattr(bench.checkpoint, "load_checkpoint", lambda path: {})
+        monkeypatch.setattr(bench.checkpoint, "checkpoint_config", lambda ckpt, path: tiny_config_object())
         args = [str(tmp_path / "checkpoint.pth")]
     else:
         args = ["--run", str(tmp_path / "run"), "--doc", "x", "-o", str(tmp_path / "out")]
