@@ -40,16 +40,19 @@ def duration(seconds):
 class Progress:
     """Progress of one job of `total` units (steps, network evaluations, batches): a tqdm bar when stderr is a
     terminal, else a log line at least every PROGRESS_SECONDS with the count, the total, the rate and the time
-    left. After the first update, a job that will take longer than LONG_JOB_SECONDS at that rate says so once.
+    left. A job that will take longer than LONG_JOB_SECONDS at the rate of its first units after the first update
+    (the first one may carry start-up costs such as compiling) says so once; `budget_s` is a time limit that stops
+    the job earlier (training.max_minutes).
 
         with Progress(total, "sample", "steps", on="cpu") as p:
             for ...: p.update(1)
     """
 
-    def __init__(self, total, desc, unit="steps", initial=0, on=None, enabled=True, postfix=None):
+    def __init__(self, total, desc, unit="steps", initial=0, on=None, enabled=True, postfix=None, budget_s=None):
         self.total, self.desc, self.unit, self.n, self.on = total, desc, unit, initial, on
-        self.enabled, self.start_n = enabled, initial
+        self.enabled, self.start_n, self.budget_s = enabled, initial, budget_s
         self.t0 = self.last = time.time()
+        self.first = None  # (time, count) at the first update: the rate that sizes the job is measured from there
         self.warned = False
         self.terminal = enabled and sys.stderr.isatty()
         self.bar = None
@@ -70,13 +73,18 @@ class Progress:
         if postfix is not None:
             self.postfix = postfix
         now, rate = time.time(), self.rate()
-        if not self.warned and self.n > self.start_n and rate > 0:
+        if self.first is None:
+            self.first = (now, self.n)
+        elif not self.warned and now > self.first[0]:
             self.warned = True
-            left = (self.total - self.n) / rate
+            early = (self.n - self.first[1]) / (now - self.first[0])  # units/s after the first update
+            left = (self.total - self.n) / early + (now - self.t0)
             if left > LONG_JOB_SECONDS:
-                log.info("%s: %d %s will take about %s%s at the first rate (%.3g %s/s); Ctrl-C stops it",
+                log.info("%s: %d %s will take about %s%s at the first rate (%.3g %s/s)%s; Ctrl-C stops it",
                          self.desc, self.total - self.start_n, self.unit, duration(left),
-                         f" on {self.on}" if self.on else "", rate, self.unit)
+                         f" on {self.on}" if self.on else "", early, self.unit,
+                         f", the time budget after {duration(self.budget_s)}" if self.budget_s and
+                         self.budget_s < left else "")
         if self.bar is not None:
             if postfix is not None:
                 self.bar.set_postfix_str(postfix, refresh=False)

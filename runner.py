@@ -427,7 +427,8 @@ def train(args, config, device, on_snapshot=None):
                  sum(p.numel() for p in state.model.parameters()),
                  f"; budget {tcfg.max_minutes:g} min" if tcfg.max_minutes else "")
         budget_s = 60 * tcfg.max_minutes if tcfg.max_minutes else float("inf")
-        progress = Progress(n_total, "train", "steps", initial=state.step, on=device, enabled=run.rank == 0)
+        progress = Progress(n_total, "train", "steps", initial=state.step, on=device, enabled=run.rank == 0,
+                            budget_s=budget_s if budget_s < float("inf") else None)
         window = []  # (step, per-sample loss, levels) on the device, read back every log_freq steps
         perm, perm_epoch, t0 = None, None, time.time()
         try:

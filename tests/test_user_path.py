@@ -155,6 +155,13 @@ def test_a_long_job_says_how_long_before_it_starts(monkeypatch, ncsn_log):
     warned = [m for m in ncsn_log if "will take about" in m]
     assert len(warned) == 1 and "999 steps" not in warned[0] and "1000 steps will take about" in warned[0]
     assert "on cpu" in warned[0]
+    monkeypatch.setattr(progress, "LONG_JOB_SECONDS", 60.0)  # a slow first unit (compiling) does not size the job
+    with progress.Progress(1000, "quick", "steps") as p:
+        time.sleep(0.3)  # at this rate 1000 steps would take 300 s
+        p.update(1)
+        time.sleep(0.001)
+        p.update(10)
+    assert not [m for m in ncsn_log if m.startswith("quick:") and "will take about" in m]
 
 
 @pytest.mark.parametrize("grid", [3, 0])
