@@ -412,7 +412,7 @@ def test_a_full_disk_ends_training_with_one_line_and_the_earlier_snapshots_stay(
 
 @pytest.mark.skipif(NAMESPACE is None, reason="no mount namespace for a small file system here")
 def test_a_full_disk_under_samples_and_metrics_is_one_line_and_leaves_no_temporary_file(runs, tmp_path):
-    mount, copy = tmp_path / "fs", tmp_path / "copy"
+    mount = tmp_path / "fs"
     run = os.path.join(runs[0], "run")
     # 8 KiB: samples.png (one page) fits, samples.pt (about 14 KB) does not
     p = in_small_fs(mount, 8192, f"{sys.executable} {REPO}/main.py {' '.join(CPU)} --run {run} --doc r --sample -o "

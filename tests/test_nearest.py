@@ -1,7 +1,6 @@
 """The copy check: the nearest-neighbour search against brute force, the flag for samples nearer to a training
 image than any test image comes, and --eval's nearest.png and metrics.json entry."""
 import json
-import os
 
 import pytest
 import torch
