@@ -33,28 +33,18 @@ import torch  # noqa: E402
 import devices  # noqa: E402
 import main  # noqa: E402
 import metrics  # noqa: E402
+import schema  # noqa: E402
 import data  # noqa: E402
 from common import NCSNError, numbered_snapshots, read_scalars  # noqa: E402
 
 
-def parse_value(text):
-    return yaml.safe_load(text)  # 1 -> int, 1.0 -> float, true -> bool, else str
-
-
-def overrides(pairs):
-    """['a.b=1', 'c.d=x'] or 'a.b=1,c.d=x' -> {('a', 'b'): 1, ('c', 'd'): 'x'}"""
-    out = {}
-    for pair in pairs:
-        for item in filter(None, pair.split(",")):
-            key, _, value = item.partition("=")
-            section, _, name = key.strip().partition(".")
-            out[(section, name)] = parse_value(value)
-    return out
+def split_sets(pairs):
+    """['a.b=1', 'c.d=x,e.f=2'] -> ['a.b=1', 'c.d=x', 'e.f=2']: --set and --eval_variant take comma lists."""
+    return [item.strip() for pair in pairs for item in pair.split(",") if item.strip()]
 
 
 def bench_config(args, seed_root):
-    with open(args.config) as f:
-        cfg = yaml.safe_load(f)
+    cfg = schema.read_yaml(args.config)
     sets = {("data", "root"): args.data_root, ("sampling", "batch_size"): args.sample_batch,
             ("eval", "n_samples_cpu"): args.n_samples, ("eval", "n_samples"): args.n_samples,
             ("eval", "loss_images_cpu"): args.loss_images, ("eval", "loss_images"): args.loss_images}
@@ -65,9 +55,9 @@ def bench_config(args, seed_root):
                        (("sampling", "n_steps_each"), args.n_steps_each)):
         if value is not None:
             sets[key] = value
-    sets.update(overrides(args.set))
     for (section, name), value in sets.items():
         cfg.setdefault(section, {})[name] = value
+    cfg = schema.apply_sets(cfg, split_sets(args.set))  # as main.py --set reads them (1e-5 is a number)
     path = os.path.join(seed_root, "config.yml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
@@ -190,7 +180,7 @@ def mean_loss_before(loss, step, n=20):
 
 def score(log_dir, step, sets, flags):
     """--eval of the run's snapshot at `step` (--ckpt STEP) with the variant's sampling overrides (--set)."""
-    extra = [w for item in filter(None, sets.split(",")) for w in ("--set", item.strip())]
+    extra = [w for item in split_sets([sets]) for w in ("--set", item)]
     t = time.time()
     if main.main([*flags("q"), "--eval", "--ckpt", str(step), *extra]) != 0:
         return None, 0

@@ -65,6 +65,31 @@ def write_config(path, cfg):
     return str(path)
 
 
+def train_off_and_on(tmp_path, data_root, switches):
+    """A tiny run with EMA trained 4 steps twice, as runs 'False' and 'True' under tmp_path/run: with each config
+    key of `switches` false, then true. Returns (the run root, {False: checkpoint dict, True: checkpoint dict})."""
+    import main
+    import torch
+    run, ckpts = str(tmp_path / "run"), {}
+    for flag in (False, True):
+        cfg = tiny_config(data_root, **{"training.n_iters": 4, "model.ema": True, **{k: flag for k in switches}})
+        assert main.main([*CPU, "--config", write_config(tmp_path / f"{flag}.yml", cfg), "--run", run,
+                          "--doc", str(flag)]) == 0
+        ckpts[flag] = torch.load(tmp_path / "run" / "logs" / str(flag) / "checkpoint.pth", weights_only=True)
+    return run, ckpts
+
+
+def assert_same_weights(expected, actual):
+    """The model and EMA weights of two checkpoint dicts: the same keys in the same order, equal to float
+    rounding."""
+    import torch
+    for part in ("model", "ema"):
+        assert list(actual[part]) == list(expected[part])
+        for key in expected[part]:
+            torch.testing.assert_close(actual[part][key], expected[part][key], rtol=1e-4, atol=1e-5,
+                                       msg=f"{part} {key}")
+
+
 def run_main(*args, cwd, timeout=300, env=None):
     """python main.py --device cpu ARGS in `cwd`, as a user would run it; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *CPU, *map(str, args)], cwd=cwd,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import devices
 import main
 import model
-from conftest import CPU, tiny_config, write_config
+from conftest import CPU, assert_same_weights, tiny_config, train_off_and_on, write_config
 
 
 def reports(monkeypatch, module, name, value):
@@ -192,24 +192,15 @@ def test_compile_switch_compiles_the_network_and_changes_nothing_else(monkeypatc
         return module_compile(self, *args, **{**kwargs, "backend": "eager"})
 
     monkeypatch.setattr(torch.nn.Module, "compile", spy)
-    run, ckpts = str(tmp_path / "run"), {}
     try:
-        for flag in (False, True):
-            cfg = tiny_config(fake_mnist, **{"training.n_iters": 4, "model.ema": True, "fast.compile": flag})
-            assert main.main([*CPU, "--config", write_config(tmp_path / f"{flag}.yml", cfg), "--run", run,
-                              "--doc", str(flag)]) == 0
-            ckpts[flag] = torch.load(tmp_path / "run" / "logs" / str(flag) / "checkpoint.pth", weights_only=True)
+        run, ckpts = train_off_and_on(tmp_path, fake_mnist, ["fast.compile"])
         assert compiled == ["CondRefineNetDilated"]  # the training network; the EMA copy stays eager
         assert main.main([*CPU, "--run", run, "--doc", "True", "--sample", "-o", str(tmp_path / "s")]) == 0
     finally:
         torch._dynamo.reset()
     assert compiled == ["CondRefineNetDilated"] * 2  # and the sampling network
     assert ckpts[True]["config"]["fast"]["compile"] and not ckpts[False]["config"]["fast"]["compile"]
-    for part in ("model", "ema"):
-        eager, comp = ckpts[False][part], ckpts[True][part]
-        assert list(comp) == list(eager)
-        for key in eager:
-            torch.testing.assert_close(comp[key], eager[key], rtol=1e-4, atol=1e-5, msg=f"{part} {key}")
+    assert_same_weights(ckpts[False], ckpts[True])
     assert os.path.isfile(tmp_path / "s" / "samples.png")
 
 
