@@ -103,7 +103,10 @@ def read_their_checkpoint(path):
     from checkpoint import damage
 
     if zipfile.is_zipfile(path):
-        problem = damage(path)
+        try:
+            problem = damage(path)
+        except OSError as e:
+            raise NCSNError(f"cannot read {path}: {e.strerror or e}") from e
         if problem is not None:
             raise NCSNError(f"{path} is {problem}: unpack or download the authors' checkpoint again")
     elif os.path.isfile(path):

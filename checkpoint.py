@@ -7,6 +7,7 @@ torch.load(weights_only=True). This module imports none of runner.py: what resto
 import logging
 import mmap
 import os
+import pickle
 import struct
 import zipfile
 import zlib
@@ -14,7 +15,7 @@ import zlib
 import torch
 
 import devices
-from common import NCSNError, Run, atomic_torch_save, derive_seed, numbered_snapshots, snapshot_name
+from common import NCSNError, Run, atomic_torch_save, derive_seed, numbered_snapshots, replace_file, snapshot_name
 from schema import ConfigError, config_from_dict, config_to_dict, with_legacy_values
 
 log = logging.getLogger("ncsn")
@@ -22,12 +23,17 @@ log = logging.getLogger("ncsn")
 CHECKPOINT_FORMAT = 1
 VERIFY_CHUNK = 1 << 22  # bytes read at a time when checking a compressed member's CRC-32
 LOCAL_HEADER = b"PK\x03\x04"  # the signature of a zip member's local header
+DOS_DIRECTORY = 0x10  # the folder bit of a zip member's external attributes (torch.save never sets it)
+# Besides BadZipFile, what zipfile and damage()'s own header walk raise for a zip directory whose bytes are wrong
+# (offsets past the end, lengths that do not fit, names that do not decode); any other exception is not damage.
+ZIP_STRUCTURE_ERRORS = (struct.error, ValueError, EOFError, OverflowError, NotImplementedError)
 # Keys that fix the network's shape: a checkpoint with other values cannot be loaded.
 ARCHITECTURE_KEYS = ("model.ngf", "model.num_classes", "data.channels", "data.image_size")
 # Keys a resumed run may change; any other difference to the checkpoint's config is an error.
 RESUMABLE_CHANGES = {
     "training.n_epochs", "training.n_iters", "training.snapshot_freq", "training.test_freq", "training.log_freq",
-    "training.keep_snapshots", "training.max_minutes", "training.snapshot_grid", "training.snapshot_steps_each",
+    "training.keep_snapshots", "training.max_minutes", "training.budget_includes_sampling", "training.snapshot_grid",
+    "training.snapshot_steps_each",
     "data.root", "model.ema_warmup",
     "sampling.n_steps_each", "sampling.step_lr", "sampling.n_samples", "sampling.batch_size", "sampling.n_frames",
     "sampling.denoise", "sampling.ema", "sampling.init", "sampling.guidance_scale", "sampling.sampler",
@@ -71,9 +77,9 @@ def save_checkpoint(run, state, numbered, keep_snapshots):
         path = os.path.join(run.log_dir, snapshot_name(step))
         atomic_torch_save(state, path, hint)
         tmp = f"{run.ckpt_path}.tmp.{os.getpid()}"
-        try:  # checkpoint.pth as a hard link to the same bytes, swapped in atomically
-            os.link(path, tmp)
-            os.replace(tmp, run.ckpt_path)
+        try:  # checkpoint.pth as a hard link to the same bytes, swapped in atomically (where the file system has
+            os.link(path, tmp)  # no hard links, e.g. FAT, a copy is written instead)
+            replace_file(tmp, run.ckpt_path)
         except OSError:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -95,9 +101,12 @@ def damage(path):
     places), data/<n> each tensor's bytes (the model, EMA and optimizer state, the RNG states); every member
     carries a CRC-32 in the archive's directory, which torch.load does not check. This reads every member's bytes
     once, where torch.load finds them (after the local header: its name is checked against the directory's, its
-    lengths say where the bytes begin); docs/checkpoints.md has its cost. Other header fields and the alignment
+    lengths say where the bytes begin), and checks that the directory does not mark it a folder (torch's reader
+    would then load it as empty bytes); docs/checkpoints.md has its cost. Other header fields and the alignment
     padding are not covered: a flip there either breaks the archive for torch.load (refused by read_checkpoint) or
     changes nothing that is loaded (tests/test_checkpoints.py flips bits at random to show it)."""
+    if os.path.getsize(path) == 0:
+        return "truncated (0 bytes)"
     try:
         with open(path, "rb") as f, zipfile.ZipFile(f) as z:
             infos = z.infolist()
@@ -115,16 +124,16 @@ def damage(path):
             zip_start = f.read(4) == LOCAL_HEADER
         return "truncated (no zip directory at its end)" if zip_start else \
             "not a checkpoint of this code (not a zip archive)"
-    except OSError as e:
-        return f"unreadable ({e.strerror or e})"
-    except Exception as e:  # a damaged directory can make zipfile raise other types (ValueError, ...)
-        return f"damaged ({type(e).__name__}: {e})"
+    except ZIP_STRUCTURE_ERRORS as e:  # what zipfile and the header walk raise for a damaged directory
+        return f"damaged (its zip directory: {type(e).__name__}: {e})"
     return None
 
 
 def member_damage(z, view, info):
     """damage() of one member of the open archive `z`, whose file's bytes are `view`."""
     member = info.filename.split("/", 1)[-1]  # without torch's top folder ("archive/")
+    if info.external_attr & DOS_DIRECTORY:  # torch's reader (miniz) reads a member marked a folder as empty bytes
+        return f"damaged (the zip directory marks {member} a folder)"
     off = info.header_offset
     if view[off:off + 4] != LOCAL_HEADER:
         return f"damaged (the local header of {member} is missing)"
@@ -153,8 +162,11 @@ def newest_intact(log_dir, exclude):
     `exclude`; None if there is none."""
     for step, name in reversed(numbered_snapshots(log_dir)) if os.path.isdir(log_dir) else []:
         path = os.path.join(log_dir, name)
-        if not (exclude and same_file(path, exclude)) and damage(path) is None:
-            return name, step
+        try:
+            if not (exclude and same_file(path, exclude)) and damage(path) is None:
+                return name, step
+        except OSError:
+            continue  # unreadable: not one to suggest
     return None
 
 
@@ -173,28 +185,58 @@ def way_out(path):
     return f"the newest intact snapshot is {found[0]}, use it with --ckpt {found[1]}"
 
 
-class DamagedCheckpoint(NCSNError):
-    """A checkpoint file that fails its check or does not load as ours; `problem` says how, e.g.
-    "damaged (CRC mismatch in data/12)"."""
+class CheckpointError(NCSNError):
+    """A checkpoint file that cannot be used; `problem` says why, e.g. "damaged (CRC mismatch in data/12)"."""
 
     def __init__(self, path, problem):
         super().__init__(f"checkpoint {path} is {problem}")
         self.path, self.problem = path, problem
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose bytes are wrong: it fails its check (damage()). Resume may fall back from it."""
+
+
+class UnloadableCheckpoint(CheckpointError):
+    """A checkpoint whose bytes pass their check but that does not load here: not enough memory, a file that this
+    torch cannot unpickle, a file of other code, a file that cannot be read. Resume stops at it (falling back would
+    train steps again from an older snapshot for a cause that is not the file's)."""
+
+
+def first_line(e):
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def read_checkpoint(path, device="cpu"):
-    """The checkpoint dict in `path` (weights_only=True, onto `device`) after damage() passed; DamagedCheckpoint
-    if the file fails the check or does not load as a checkpoint of this code."""
-    problem = damage(path)
+    """The checkpoint dict in `path` (weights_only=True, onto `device`) after damage() passed. DamagedCheckpoint
+    when its bytes fail the check; UnloadableCheckpoint, naming the cause, when intact bytes do not load (memory,
+    unpickling, a foreign file) or the file cannot be read."""
+    try:
+        problem = damage(path)
+    except OSError as e:
+        raise UnloadableCheckpoint(path, f"unreadable ({e.strerror or e})") from e
     if problem is not None:
         raise DamagedCheckpoint(path, problem)
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises several types for a foreign file or a damaged zip directory
-        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
-        raise DamagedCheckpoint(path, f"damaged or not a checkpoint of this code ({type(e).__name__}: {first})") from e
+    except MemoryError as e:
+        raise UnloadableCheckpoint(path, f"intact, but loading its {os.path.getsize(path):,} bytes onto {device} ran "
+                                         f"out of memory (MemoryError): free memory and try again") from e
+    except pickle.UnpicklingError as e:
+        raise UnloadableCheckpoint(path, f"intact, but torch {torch.__version__} cannot unpickle it with "
+                                         f"weights_only=True ({first_line(e)[:200]}): made by other code or another "
+                                         f"torch version") from e
+    except RuntimeError as e:
+        if "out of memory" in str(e).lower():
+            raise UnloadableCheckpoint(path, f"intact, but loading it onto {device} ran out of memory "
+                                             f"({first_line(e)[:200]})") from e
+        if "PytorchStreamReader" in str(e):  # a zip archive, but not one torch.save wrote
+            raise UnloadableCheckpoint(path, f"not a checkpoint of this code (an intact zip archive that torch does "
+                                             f"not read: {first_line(e)[:200]})") from e
+        raise
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise DamagedCheckpoint(path, f"not a checkpoint of this code (no 'format': {CHECKPOINT_FORMAT})")
+        raise UnloadableCheckpoint(path, f"not a checkpoint of this code (no 'format': {CHECKPOINT_FORMAT})")
     return ckpt
 
 
@@ -214,9 +256,10 @@ def latest_checkpoint(run):
     it to the run's device); None if the run has no checkpoint yet.
 
     checkpoint.pth is normally the newest; a numbered snapshot is newer only when a crash came between writing
-    checkpoint_<step>.pth and swapping checkpoint.pth to it. A file that fails (damage, or does not load) is
-    skipped with a warning naming it, why, and the steps that will be trained again; no file is changed. A run
-    where none loads is a one-line NCSNError.
+    checkpoint_<step>.pth and swapping checkpoint.pth to it. A file whose bytes fail their check (damage) is
+    skipped with a warning naming it, why, and the steps that will be trained again; no file is changed. A file
+    that passes its check but does not load (memory, unpickling, another program's file) is never skipped: its
+    UnloadableCheckpoint ends the command. A run where none verifies is a one-line NCSNError.
     """
     if not os.path.isdir(run.log_dir):
         raise NCSNError(f"no run folder {run.log_dir} to resume: train it first (without --resume_training)")
@@ -352,7 +395,7 @@ def verify_run(args):
             if step is not None and held != step:
                 raise DamagedCheckpoint(path, f"not what its name says (it holds step {held})")
             verdict = "ok"
-        except DamagedCheckpoint as e:
+        except CheckpointError as e:
             held, verdict, failed = step, e.problem, failed + 1
         twin = [n for _, n in files[:-1] if same_file(os.path.join(run.log_dir, n), path)] if step is None else []
         verdict += f" (the same file as {twin[0]})" if twin else ""
