@@ -7,7 +7,9 @@ import dataclasses
 import errno
 import io
 import os
+import shutil
 import struct
+import time
 
 import torch
 
@@ -60,20 +62,49 @@ def atomic_write(path, write, size, hint=""):
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            replace_file(tmp, path)
         finally:
             if os.path.lexists(tmp):
                 os.remove(tmp)
-        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
     except Exception as e:
         error = os_error(e)
         if error is None:
             raise
         raise write_error(path, error, size(), hint) from e
+    fsync_folder(os.path.dirname(os.path.abspath(path)))  # the file is complete: nothing after this can undo it
+
+
+# Windows refuses to replace a file that another process holds open (a --sample or --verify reading checkpoint.pth
+# while training writes it): there os.replace is retried this often, REPLACE_WAIT seconds apart. POSIX never refuses.
+REPLACE_RETRIES = 10 if os.name == "nt" else 0
+REPLACE_WAIT = 0.5
+
+
+def replace_file(src, dst):
+    """os.replace(src, dst), retried on Windows while another process holds `dst` open."""
+    for attempt in range(REPLACE_RETRIES + 1):
+        try:
+            return os.replace(src, dst)
+        except PermissionError:
+            if attempt == REPLACE_RETRIES:
+                raise
+            time.sleep(REPLACE_WAIT)
+
+
+def fsync_folder(folder):
+    """Make a rename inside `folder` durable where the platform can (POSIX: fsync of the folder). Where a folder
+    cannot be opened or synced (Windows, some network file systems) this is skipped: the file itself was already
+    written, synced and renamed, and stays so."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_torch_save(obj, path, hint=""):
@@ -99,12 +130,12 @@ def os_error(e):
 
 
 def free_bytes(folder):
-    """Bytes an unprivileged process may still write on the file system of `folder` (os.statvfs), or None."""
+    """Bytes an unprivileged process may still write on the file system of `folder` (shutil.disk_usage), or None
+    where the platform or the file system cannot say."""
     try:
-        st = os.statvfs(folder)
-    except OSError:
+        return shutil.disk_usage(folder).free
+    except (OSError, AttributeError):  # AttributeError: a POSIX system without os.statvfs, which disk_usage calls
         return None
-    return st.f_bavail * st.f_frsize
 
 
 def write_error(path, error, needed, hint=""):
