@@ -102,7 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance_scale", type=float, metavar="W",
                    help="with --digit: the guidance scale w >= 0 (default: the config's sampling.guidance_scale)")
     p.add_argument("-o", "--image_folder", default=None,
-                   help="where --sample and --inpaint write (default: run/logs/DOC/samples)")
+                   help="where --sample and --inpaint write (default: a folder in run/logs/DOC named for what is "
+                        "drawn: samples, samples_digit3, samples_ckpt1000, inpaint, ...)")
     p.add_argument("--overwrite", action="store_true", help="let --sample replace outputs already in -o")
     args = p.parse_args(argv)
     mode = next((m for m in MODES if getattr(args, m)), None)
@@ -123,8 +124,9 @@ def parse_args(argv=None):
         if fixed:
             p.error(f"--set {fixed[0]}: --{mode} takes the trained model's settings from its checkpoint; only "
                     f"sampling.*, eval.*, fast.* and data.root may be set")
-    if mode == "verify" and args.set:
-        p.error("--set does not apply to --verify")
+    if mode in ("verify", "import_authors") and args.set:
+        p.error(f"--set does not apply to --{mode}: it " + ("checks the files as they are" if mode == "verify" else
+                "takes the authors' settings; change the imported run's sampling with --set on --sample"))
     args.mode = mode
     return args
 
@@ -149,7 +151,27 @@ def resolve_config(args):
     return load_config(args.config or "config.yml", args.set)
 
 
+def write_traceback(args, argv):
+    """Append the traceback of the exception being handled to the run's log (<run>/logs/DOC/stdout.txt) when the
+    run folder exists, else to a file of its own in the temporary folder; returns that file's path."""
+    import tempfile
+    import traceback
+    folder = os.path.join(args.run, "logs", args.doc) if args.doc else None
+    if folder and os.path.isdir(folder):
+        path = os.path.join(folder, "stdout.txt")
+    else:
+        path = os.path.join(tempfile.gettempdir(), f"ncsn_traceback_{os.getpid()}.txt")
+    try:
+        with open(path, "a") as f:
+            f.write(f"ERROR {datetime.datetime.now():%Y-%m-%d %H:%M:%S} - main.py {' '.join(argv)} failed:\n")
+            f.write(traceback.format_exc())
+    except OSError:
+        return "nowhere: it could not be written (run with --verbose debug to see it)"
+    return path
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     setup_logging(args.verbose, args.progress)
     if args.show_config:  # no torch needed
@@ -219,9 +241,10 @@ def main(argv=None):
         log.debug("traceback:", exc_info=True)
         log.error("%s", e)
         return 1
-    except Exception as e:  # anything unforeseen: one line, traceback with --verbose debug, non-zero exit
+    except Exception as e:  # anything unforeseen: one line here, the traceback in the run's log, non-zero exit
         log.debug("traceback:", exc_info=True)
-        log.error("%s: %s (run with --verbose debug for the traceback)", type(e).__name__, e)
+        where = write_traceback(args, argv)
+        log.error("%s: %s (the traceback is in %s)", type(e).__name__, str(e).strip().split("\n")[0], where)
         return 1
     finally:
         if distributed and torch.distributed.is_initialized():

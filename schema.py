@@ -24,8 +24,10 @@ class Training:
     log_freq: int = 10  # read the training loss back from the device every this many steps
     keep_snapshots: int = 0  # keep only the newest k checkpoint_<step>.pth; 0 keeps all
     anneal_power: float = 2.0  # lambda(sigma) = sigma ** anneal_power weights each level (eq. 6)
-    max_minutes: float = 0.0  # wall-clock budget of one training command: stop at the first log step past it,
-    # with a checkpoint as at n_iters; a resume trains for another budget; 0 = none
+    max_minutes: float = 0.0  # wall-clock budget of one training command, from its start: stop at the first log
+    # step past it, with a checkpoint as at n_iters; a resume trains for another budget; 0 = none
+    budget_includes_sampling: bool = False  # max_minutes covers one --sample of the run as well: training stops
+    # earlier by the time that sampling is measured to take on this machine (timed when training starts)
     snapshot_grid: int = 0  # at each numbered snapshot, draw this many samples into TensorBoard and
     # <run>/logs/<doc>/snapshot_grids/ with snapshot_steps_each Langevin steps a level; 0 = off
     snapshot_steps_each: int = 5  # the snapshot grid's steps a level (its step_lr: NCSNv2's rule for this T)
@@ -178,7 +180,7 @@ def _check_value(key, value, typ):
     if typ is float and isinstance(value, str):
         try:
             float(value)
-            hint = " (YAML 1.1 reads 2e-5 as text: write 2.0e-5 or 0.00002)"
+            hint = " (a number in quotes: remove the quotes)"
         except ValueError:
             hint = ""
         raise ConfigError(f"config key {key}: expected a number, got the text {value!r}{hint}")
@@ -230,12 +232,18 @@ def config_from_dict(raw, source="config"):
     return config
 
 
-EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+class ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads a number in exponent form without a dot (2e-5, 1E3) as a float, as YAML 1.2
+    and Python do; PyYAML follows YAML 1.1, which reads it as text. Config files and --set both read through it."""
+
+
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                   list("-+0123456789."))
 
 
 def apply_sets(raw, sets):
     """A copy of the nested config dict `raw` with each of `sets` ("section.key=value", main.py --set) applied;
-    values are parsed as YAML (4000 -> int, 1e-4 -> float, true -> bool, langevin -> str). The result is
+    values are read as the config file's (ConfigLoader: 4000 -> int, 1e-4 -> float, true -> bool, langevin -> str). The result is
     validated like a file by config_from_dict, so an unknown key or a bad value is the same one-line error."""
     if not isinstance(raw, dict):
         return raw  # config_from_dict names the problem
@@ -247,11 +255,9 @@ def apply_sets(raw, sets):
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key as in the YAML, "
                               f"e.g. --set training.n_iters=4000")
         try:
-            value = yaml.safe_load(text)
+            value = yaml.load(text, Loader=ConfigLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") from e
-        if isinstance(value, str) and EXPONENT_NUMBER.fullmatch(value.strip()):
-            value = float(value)  # YAML 1.1 reads 1e-4 as text; on the command line it means the number
         if not isinstance(raw.get(section, {}), dict):
             raise ConfigError(f"--set {item!r}: section {section!r} is not a mapping")
         raw.setdefault(section, {})[name] = value
@@ -259,10 +265,10 @@ def apply_sets(raw, sets):
 
 
 def read_yaml(path):
-    """The nested dict of a YAML config file (yaml.safe_load); a one-line ConfigError if unreadable."""
+    """The nested dict of a YAML config file (ConfigLoader); a one-line ConfigError if unreadable."""
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=ConfigLoader)
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
     except yaml.YAMLError as e:
