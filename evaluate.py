@@ -14,7 +14,7 @@ import metrics
 from common import Run, atomic_save_image, atomic_write_bytes, chosen_checkpoint, derive_seed
 from progress import Progress
 from data import data_space, dequantize, load_mnist
-from runner import draw_samples, dsm_loss, load_trained, make_score_fn, sampling_generator
+from runner import draw_samples, dsm_loss, make_score_fn, read_trained, sampling_generator, trained_network
 
 log = logging.getLogger("ncsn")
 LOSS_BATCH = 500  # test images per forward pass of the per-level loss
@@ -66,13 +66,17 @@ def evaluate(args, config, device):
     samples of the run's checkpoint against the MNIST test set, and the DSM loss of the test images at each
     noise level; appended to metrics.json and written to TensorBoard at the checkpoint's step."""
     run, device = Run.from_args(args), torch.device(device)
-    run_cfg, score_fn, sigmas, step = load_trained(chosen_checkpoint(run, args.ckpt), config, device, args.seed)
+    ckpt_path = chosen_checkpoint(run, args.ckpt)
+    run_cfg, ckpt = read_trained(ckpt_path, config)
     n = run_cfg.eval.n_samples_cpu if device.type == "cpu" else run_cfg.eval.n_samples  # GPU or MPS: the full count
+    lo, hi = run.shard(n)
+    score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, args.seed,
+                                       min(run_cfg.sampling.batch_size, hi - lo))
+    step = ckpt["step"]
     test_u8 = load_mnist(run_cfg.data.root, train=False).to(device)
-    classifier = metrics.get_classifier(run_cfg.data.root, device)
+    classifier = metrics.classifier_on_every_rank(run_cfg.data.root, device, run)
     reference = metrics.reference_stats(classifier, metrics.to_unit(test_u8))
     t0 = time.time()
-    lo, hi = run.shard(n)
     samples = run.gather(draw_samples(score_fn, sigmas, run_cfg, hi - lo, sampling_generator(run, device, args.seed),
                                       device, desc="eval: sampling" if run.rank == 0 else None))
     seconds = time.time() - t0
@@ -141,12 +145,9 @@ class TrainingMetrics:
         if not k or (state.step // cfg.training.snapshot_freq) % k != 0:
             return
         if self.classifier is None:
+            self.classifier = metrics.classifier_on_every_rank(cfg.data.root, state.device, run)
             if run.rank == 0:
-                self.classifier = metrics.get_classifier(cfg.data.root, state.device)
                 self.reference = metrics.reference_stats(self.classifier, metrics.to_unit(test_u8))
-            run.barrier()  # the cache exists now
-            if run.rank != 0:
-                self.classifier = metrics.get_classifier(cfg.data.root, state.device)
         t0 = time.time()
         generator = sampling_generator(run, state.device, derive_seed(state.seed, "training_metrics", state.step))
         score_fn = make_score_fn(state.sampling_model(), cfg, state.device, state.sigmas)

@@ -8,7 +8,7 @@ import torch
 from common import NCSNError, Run, chosen_checkpoint, derive_seed, output_paths
 from progress import Progress
 from data import dequantize, load_mnist
-from runner import anneal_langevin_dynamics, initial_samples, load_trained, output_folder
+from runner import anneal_langevin_dynamics, initial_samples, output_folder, read_trained, trained_network
 
 log = logging.getLogger("ncsn")
 MASKS = ("bottom", "right", "square", "random")
@@ -39,17 +39,19 @@ def inpaint(args, config, device, kind):
     the originals, what the sampler sees (hidden pixels grey), the completions. Every random choice (the
     digits, their dequantization, the mask, the noise) follows --seed."""
     run, device = Run.from_args(args), torch.device(device)
-    run_cfg, score_fn, sigmas, _ = load_trained(chosen_checkpoint(run, args.ckpt), config, device, args.seed)
+    ckpt_path = chosen_checkpoint(run, args.ckpt)
+    run_cfg, ckpt = read_trained(ckpt_path, config)
     scfg = run_cfg.sampling
     if run_cfg.data.logit_transform:
         raise NCSNError("--inpaint works on runs in pixel space (data.logit_transform: false)")
     if scfg.sampler != "langevin":
         raise NCSNError("--inpaint runs annealed Langevin dynamics only: set sampling.sampler: langevin")
-    names = output_paths(output_folder(args, run), [f"inpaint_{kind}.png"], args.overwrite)
+    n = min(scfg.n_samples, N_DIGITS)
+    score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, args.seed, n)
+    names = output_paths(output_folder(args, run, "inpaint"), [f"inpaint_{kind}.png"], args.overwrite)
     cpu = torch.Generator().manual_seed(derive_seed(args.seed, "inpaint"))
     generator = torch.Generator(device).manual_seed(args.seed)
     test_u8 = load_mnist(run_cfg.data.root, train=False)
-    n = min(scfg.n_samples, N_DIGITS)
     idx = torch.randperm(len(test_u8), generator=cpu)[:n]
     known = dequantize(test_u8[idx], cpu).to(device)  # (n, 1, 28, 28)
     mask = inpainting_mask(kind, known.shape, generator, device)

@@ -265,6 +265,15 @@ def get_classifier(data_root, device, cache_path=None):
     return model.to(device).eval()
 
 
+def classifier_on_every_rank(data_root, device, run):
+    """get_classifier on each rank of `run` (common.Run) with one training at most: rank 0 gets it first (training and
+    caching it where there is no cache) while the others wait at a barrier (within main.COLLECTIVE_TIMEOUT_MIN),
+    then they read the cache."""
+    classifier = get_classifier(data_root, device) if run.rank == 0 else None
+    run.barrier()  # the cache exists now
+    return classifier if classifier is not None else get_classifier(data_root, device)
+
+
 def write_cache(cache, target, what):
     """Save a classifier cache dict atomically at `target` (making its folder); a one-line NCSNError if not
     possible. `what` names the classifier in the messages."""

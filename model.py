@@ -311,6 +311,15 @@ class CondRefineNetDilated(nn.Module):
                 m.fused = fused
         return self
 
+    def eager(self):
+        """Undo compile() and compile_norms(): every later call runs the plain modules (the same function). For a
+        compile that cannot build its kernels on this machine (runner.compile_model)."""
+        self._compiled_call_impl = None  # what nn.Module.compile() set
+        for m in self.modules():
+            if isinstance(m, CondInstanceNormPlus):
+                m.fused = None
+        return self
+
     @staticmethod
     def _stage(blocks, x, y):
         for block in blocks:

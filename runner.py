@@ -22,11 +22,11 @@ import devices
 from checkpoint import (check_resumable, checkpoint_config, latest_checkpoint, load_checkpoint, load_model_state,
                         make_checkpoint, restore, save_checkpoint)
 from common import (NCSNError, Interrupted, Run, atomic_save_image, atomic_torch_save, atomic_write_bytes,
-                    chosen_checkpoint, derive_seed, output_paths)
+                    chosen_checkpoint, derive_seed, numbered_snapshots, output_paths)
 from data import MNIST_MEAN, batch_noise, data_space, dequantize, epoch_permutation, load_mnist, logit_transform
 from model import CondRefineNetDilated
-from progress import Progress, duration
-from schema import config_to_dict
+from progress import EarlyLog, Progress, duration
+from schema import ConfigError, config_to_dict
 
 log = logging.getLogger("ncsn")
 
@@ -41,6 +41,11 @@ def get_sigmas(sigma_begin, sigma_end, num_classes):
     """The noise levels {sigma_i}: a geometric sequence from sigma_1 = sigma_begin to sigma_L = sigma_end."""
     return torch.tensor(np.exp(np.linspace(np.log(sigma_begin), np.log(sigma_end), num_classes)),
                         dtype=torch.float32)  # (L,)
+
+
+def config_sigmas(config):
+    """The noise levels of a config's model section (L,), on the CPU."""
+    return get_sigmas(config.model.sigma_begin, config.model.sigma_end, config.model.num_classes)
 
 
 def dsm_loss(score_fn, x, sigmas, generator=None, labels=None, anneal_power=2.0, z=None):
@@ -146,6 +151,17 @@ def consistent_eta(sigmas, step_lr):
     return eta
 
 
+def check_sampler(scfg, sigmas, error, context=""):
+    """Raise `error` (one line, the message of consistent_eta and then `context`) when sampling.sampler cannot run
+    with the settings `scfg` over the trained levels `sigmas`: consistent sampling needs a step_lr that its levels
+    allow. Called before a command builds or writes anything."""
+    if scfg.sampler == "consistent":
+        try:
+            consistent_eta(consistent_levels(sigmas, scfg.n_steps_each), scfg.step_lr)
+        except NCSNError as e:
+            raise error(f"{e}{context}") from e
+
+
 def consistent_levels(sigmas, n_steps_each):
     """The levels CAS walks for a network trained at `sigmas` (L,): the geometric sequence from sigma_1 to
     sigma_L with n_steps_each steps between neighbouring sigma_i, (L - 1) n_steps_each + 1 levels that contain
@@ -213,15 +229,69 @@ def make_model(config, device):
     return model.to(memory_format=memory_format(config))
 
 
-def compile_model(model, config):
-    """torch.compile the module in place when fast.compile is on (or only its CIN++ and ELU with
-    fast.compile_norms): compiled on first call, its parameters and state_dict keys unchanged (so checkpoints and
-    EMA see the plain module)."""
+# What compiling buys the quick recipe's network (ngf 8) on a 2-core CPU, from bench/quick_speed.py (docs/speed.md):
+# a training step with CIN++ compiled against the eager one, channels_last both (AVX-512 1.44x, AVX2 1.45x).
+COMPILE_GAIN = "a training step about 1.4x, a sampling step about 1.2x"
+
+
+def compile_model(model, config, warm_up):
+    """torch.compile the network in place when fast.compile is on (or only its CIN++ and ELU with fast.compile_norms):
+    its parameters and state_dict keys stay the plain module's (so checkpoints and EMA see it as it is). Then
+    warm_up(model) calls it as the command will (a training step's forward and backward, or a sampling evaluation),
+    so that every kernel is built now, before the first real step. Where they cannot be built (no C++ compiler, a
+    broken one, another inductor failure) the network runs eagerly, the same function, with one warning; nothing
+    fails later. Returns the speed path in words, for the log."""
+    switch = "fast.compile" if config.fast.compile else "fast.compile_norms" if config.fast.compile_norms else None
+    if switch is None:
+        return "eager"
     if config.fast.compile:
         model.compile(dynamic=False)  # a static graph per batch size: symbolic shapes compile far slower
-    elif config.fast.compile_norms:
+    else:
         model.compile_norms(dynamic=False)
-    return model
+    try:
+        warm_up(model)
+    except Exception as e:
+        if not compile_failure(e):
+            raise
+        model.eager()
+        why = " ".join(str(e).split("\n")[0].split())[:160] or type(e).__name__
+        log.warning("%s is on, but torch.compile cannot build its kernels here (%s): running eagerly, the same "
+                    "function, slower (quick recipe: %s; docs/speed.md); --set %s=false runs eagerly without this "
+                    "warning", switch, why, COMPILE_GAIN, switch)
+        return f"eager ({switch} could not build its kernels)"
+    return "the whole network compiled (fast.compile)" if config.fast.compile else \
+        "CIN++ and its ELU compiled (fast.compile_norms)"
+
+
+def compile_failure(e):
+    """Whether the exception `e` comes from building compiled kernels (dynamo, inductor, the C++ compiler), not from
+    the network itself."""
+    import subprocess
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import CppCompileError
+    return isinstance(e, (TorchDynamoException, CppCompileError, subprocess.CalledProcessError))
+
+
+def warm_up_training(config, device, batch):
+    """The warm_up of compile_model for training: one forward and backward at the batch a step will use (zeros in,
+    gradients cleared after); no random number is drawn, so the run is the same as without it."""
+    def warm_up(model):
+        shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
+        x, labels = torch.zeros(shape, device=device), torch.zeros(batch, dtype=torch.long, device=device)
+        score_fn = make_score_fn(model, config, device, torch.ones(config.model.num_classes, device=device))
+        score_fn(x, labels).float().sum().backward()
+        model.zero_grad(set_to_none=True)
+    return warm_up
+
+
+def warm_up_sampling(config, device, batch):
+    """The warm_up of compile_model for sampling: one evaluation under inference_mode at the first batch's size."""
+    def warm_up(model):
+        shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
+        score_fn = make_score_fn(model, config, device, torch.ones(config.model.num_classes, device=device))
+        with torch.inference_mode():
+            score_fn(torch.zeros(shape, device=device), torch.zeros(batch, dtype=torch.long, device=device))
+    return warm_up
 
 
 def memory_format(config):
@@ -291,11 +361,13 @@ class NullWriter:
         pass
 
 
-def make_run_folders(run, config, args, device):
-    """Rank 0 makes the run folder, writes config.yml and logs to stdout.txt; returns the TensorBoard
-    writer (one that writes nothing on other ranks)."""
+def make_run_folders(run, config, args, device, early_log):
+    """Rank 0 makes the run folder, writes config.yml and logs to stdout.txt (which begins with what `early_log`,
+    a progress.EarlyLog, held of this command); returns the TensorBoard writer (one that writes nothing on other
+    ranks)."""
     if run.rank != 0:
         return NullWriter()
+    from tensorboardX import SummaryWriter  # before anything is written: a missing package leaves no folder
     try:
         for d in (run.log_dir, run.tb_dir):
             os.makedirs(d, exist_ok=True)
@@ -310,13 +382,10 @@ def make_run_folders(run, config, args, device):
             yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
     except OSError as e:
         raise NCSNError(f"cannot write the run folder {run.log_dir}: {e.strerror}") from e
-    handler = logging.FileHandler(os.path.join(run.log_dir, "stdout.txt"))
-    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s - %(message)s"))
-    log.addHandler(handler)
+    early_log.attach(os.path.join(run.log_dir, "stdout.txt"))
     log.info("run %s: %s", args.doc, " ".join(f"{k}={v}" for k, v in vars(args).items()))
     log.info("device %s%s, torch %s", device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
              else "", torch.__version__)
-    from tensorboardX import SummaryWriter
     return SummaryWriter(run.tb_dir, filename_suffix=f".{time.time_ns()}")  # unique name per writer
 
 
@@ -347,9 +416,12 @@ class TrainState:
         ema = make_ema(model) if config.model.ema else None
         optimizer = make_optimizer(config, model)
         generator = torch.Generator(device).manual_seed(seed)
-        sigmas = get_sigmas(config.model.sigma_begin, config.model.sigma_end, config.model.num_classes).to(device)
+        sigmas = config_sigmas(config).to(device)
         step = restore(ckpt, model, ema, optimizer, generator, config, run.ckpt_path) if ckpt else 0
-        net = compile_model(model, config)  # the EMA copy (used every test_freq steps) stays eager
+        lo, hi = run.shard(config.training.batch_size)  # this rank's share of a batch: what a step feeds the net
+        path = compile_model(model, config, warm_up_training(config, device, hi - lo))  # the EMA copy stays eager
+        log.info("speed path: %s, %s", path, "channels_last" if config.fast.channels_last else "NCHW")
+        net = model
         if run.world > 1:
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                             else None)
@@ -400,91 +472,201 @@ def train(args, config, device, on_snapshot=None):
     """Train (or with --resume_training continue) the run args.doc; `on_snapshot(state, test_u8)` is called on
     every rank after each numbered snapshot (e.g. evaluate.TrainingMetrics). Stops at the run's last step, or at
     the first log step past training.max_minutes of this command. Returns the exit status 0."""
-    run, tcfg, device = Run.from_args(args), config.training, torch.device(device)
-    if not args.resume_training and (os.path.exists(run.log_dir) or os.path.exists(run.tb_dir)):
-        raise NCSNError(f"run folder {run.log_dir} already exists: pick another --doc, or pass "
-                        f"--resume_training to continue it")
-    ckpt = latest_checkpoint(run) if args.resume_training else None  # on the CPU: restore moves it
-    if ckpt is not None:
-        check_resumable(ckpt, config, run.ckpt_path)
-        if ckpt["seed"] != args.seed:
-            log.info("resuming with the run's seed %d (not --seed %d)", ckpt["seed"], args.seed)
+    t_start = time.time()
+    run, device = Run.from_args(args), torch.device(device)
+    check_training_samplers(config)
+    ckpt = starting_checkpoint(run, config, args.resume_training, args.seed)
     train_u8 = load_mnist(config.data.root, train=True).to(device)  # (N, 28, 28) uint8
     test_u8 = load_mnist(config.data.root, train=False).to(device)  # (N_test, 28, 28) uint8
-    n, bs = len(train_u8), tcfg.batch_size
-    steps_per_epoch = math.ceil(n / bs)
-    n_total = min(tcfg.n_iters, tcfg.n_epochs * steps_per_epoch)
-    state = TrainState.create(config, run, device, ckpt["seed"] if ckpt else args.seed, n_total, ckpt)
-    if state.step >= n_total:
-        raise NCSNError(f"the checkpoint is at step {state.step} and the config ends at step {n_total}: "
-                        f"train further with {resume_command(args)} --set training.n_iters=N (N > {state.step})")
+    order = EpochOrder(ckpt["seed"] if ckpt else args.seed, len(train_u8), config.training.batch_size, device)
+    n_total = min(config.training.n_iters, config.training.n_epochs * order.steps_per_epoch)
+    if ckpt is not None and ckpt["step"] >= n_total:
+        raise NCSNError(f"the checkpoint is at step {ckpt['step']} and the config ends at step {n_total}: train "
+                        f"further with {resume_command(args)} --set training.n_iters=N (N > {ckpt['step']})")
     run.barrier()  # every rank has checked the run folder before rank 0 writes into it
-    with StopSignals() as signals:  # from the run folder on, SIGINT/SIGTERM stop after a step, with a checkpoint
-        writer = make_run_folders(run, config, args, device)
+    with StopSignals() as signals, EarlyLog() as early:  # SIGINT/SIGTERM from here on: stop after a step
+        state = TrainState.create(config, run, device, order.seed, n_total, ckpt)
+        deadline = training_deadline(state, t_start)
+        writer = make_run_folders(run, config, args, device, early)
         log.info("%s at step %d of %d (%d steps an epoch of %d images, batch %d%s); %d parameters%s",
-                 "resuming" if state.step else "training", state.step + 1, n_total, steps_per_epoch, n, bs,
-                 f" over {run.world} ranks" if run.world > 1 else "",
+                 "resuming" if state.step else "training", state.step + 1, n_total, order.steps_per_epoch, order.n,
+                 order.batch_size, f" over {run.world} ranks" if run.world > 1 else "",
                  sum(p.numel() for p in state.model.parameters()),
-                 f"; budget {tcfg.max_minutes:g} min" if tcfg.max_minutes else "")
-        budget_s = 60 * tcfg.max_minutes if tcfg.max_minutes else float("inf")
-        progress = Progress(n_total, "train", "steps", initial=state.step, on=device, enabled=run.rank == 0,
-                            budget_s=budget_s if budget_s < float("inf") else None)
-        window = []  # (step, per-sample loss, levels) on the device, read back every log_freq steps
-        perm, perm_epoch, t0 = None, None, time.time()
+                 f"; budget {config.training.max_minutes:g} min" if deadline else "")
+        book = Bookkeeping(state, writer, signals, deadline, on_snapshot, test_u8, resume_command(args))
         try:
             while state.step < n_total:
-                epoch, i = divmod(state.step, steps_per_epoch)
-                if perm_epoch != epoch:
-                    perm, perm_epoch = epoch_permutation(state.seed, epoch, n).to(device), epoch
-                order = perm[i * bs:(i + 1) * bs]  # (B,) the global batch
-                window.append((state.step + 1, *state.train_step(train_u8, order)))
-                step, stop, out_of_time = state.step, None, False
-                snapshot = step % tcfg.snapshot_freq == 0 or step == n_total
-                if step % tcfg.log_freq == 0 or step % tcfg.test_freq == 0 or snapshot or \
-                        (signals.signum and run.world == 1):  # under DDP the ranks agree at log steps only
-                    last = log_losses(window, writer, state.sigmas, len(order), run)
-                    window = []
-                    progress.update(step - progress.n, postfix=f"loss {last:.4f}")
-                    stop = signals.signum or signal.SIGTERM if run.any_rank(signals.signum, device) else None
-                    out_of_time = step < n_total and run.any_rank(time.time() - t0 >= budget_s, device)
-                if step % tcfg.test_freq == 0 and run.rank == 0:
-                    loss = test_loss(state, test_u8)
-                    writer.add_scalar("test_loss", loss, step)
-                    log.info("step %d: loss %.4f, test loss %.4f", step, last, loss)
-                snapshot = snapshot or out_of_time  # the budget ends the run as its last step would
-                if snapshot or stop:
-                    writer.flush()
-                    save_checkpoint(run, state.checkpoint(), numbered=snapshot, keep_snapshots=tcfg.keep_snapshots)
-                if snapshot and tcfg.snapshot_grid and run.rank == 0:
-                    snapshot_grid(state, writer)
-                if snapshot and on_snapshot is not None:
-                    on_snapshot(state, test_u8)  # on every rank: it may use collectives
-                if stop:
-                    raise Interrupted(stop, f"{signal.Signals(stop).name} at step {step}: checkpoint written, "
-                                            f"continue with: {resume_command(args)}")
-                if out_of_time:
-                    log.info("training.max_minutes (%g) reached at step %d of %d after %s: checkpoint written; "
-                             "another budget: %s", tcfg.max_minutes, step, n_total, duration(time.time() - t0),
-                             resume_command(args))
-                    return 0
+                batch = order.batch(state.step)  # (B,) the global batch
+                loss, levels = state.train_step(train_u8, batch)
+                if book.after_step(loss, levels, len(batch)):
+                    return 0  # the time budget ended it
         finally:
-            progress.close()
-            writer.close()
-    log.info("done: %d steps in %s, checkpoint in %s", n_total, duration(time.time() - t0), run.ckpt_path)
+            book.close()
+    log.info("done: %d steps in %s, checkpoint in %s", n_total, duration(time.time() - t_start), run.ckpt_path)
     return 0
+
+
+def starting_checkpoint(run, config, resume, seed):
+    """The checkpoint a training command starts from (None: step 1). A fresh start into a run folder that holds a
+    checkpoint is refused; one that holds none (a start that stopped before its first checkpoint) is trained into
+    afresh. A resume takes the newest intact snapshot (checkpoint.latest_checkpoint), checked against `config`."""
+    if not resume:
+        if os.path.exists(run.log_dir) or os.path.exists(run.tb_dir):
+            if os.path.exists(run.ckpt_path) or (os.path.isdir(run.log_dir) and numbered_snapshots(run.log_dir)):
+                raise NCSNError(f"run folder {run.log_dir} already exists: pick another --doc, or pass "
+                                f"--resume_training to continue it")
+            log.warning("run folder %s holds no checkpoint (a start that stopped before its first one): training "
+                        "into it from step 1", run.log_dir)
+        return None
+    ckpt = latest_checkpoint(run)  # on the CPU: restore moves it
+    if ckpt is not None:
+        check_resumable(ckpt, config, run.ckpt_path)
+        if ckpt["seed"] != seed:
+            log.info("resuming with the run's seed %d (not --seed %d)", ckpt["seed"], seed)
+    return ckpt
+
+
+class EpochOrder:
+    """The global batch of each step: epoch e visits the training set in the order epoch_permutation(seed, e), a
+    function of (seed, epoch) only, so a resume needs no state."""
+
+    def __init__(self, seed, n, batch_size, device):
+        self.seed, self.n, self.batch_size, self.device = seed, n, batch_size, device
+        self.steps_per_epoch = math.ceil(n / batch_size)
+        self.epoch, self.perm = None, None
+
+    def batch(self, step):
+        """The indices (B,) of the global batch of step `step` + 1 (the next one)."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            self.epoch, self.perm = epoch, epoch_permutation(self.seed, epoch, self.n).to(self.device)
+        return self.perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+SAMPLING_START_SECONDS = 20  # what --sample spends besides its network evaluations: starting Python and torch,
+#                              reading the checkpoint, writing the PNG, tensor and GIF (about 10 s on a 2-core CPU)
+
+
+def training_deadline(state, t_start):
+    """The time.time() at which training.max_minutes ends this command's training (None: no budget), counted from
+    the command's start `t_start`. With training.budget_includes_sampling the budget covers one --sample of the
+    run too: training stops earlier by the time that sampling is measured to take here (sampling_seconds)."""
+    tcfg = state.config.training
+    if not tcfg.max_minutes:
+        return None
+    deadline = t_start + 60 * tcfg.max_minutes
+    if tcfg.budget_includes_sampling:
+        seconds, per_eval, evals = sampling_seconds(state)
+        deadline -= seconds
+        log.info("training.max_minutes %g covers one --sample too: %d samples take about %s here (%d network "
+                 "evaluations at %.3g s each, + %d s to start and write), so training stops %s after the start",
+                 tcfg.max_minutes, state.config.sampling.n_samples, duration(seconds), evals, per_eval,
+                 SAMPLING_START_SECONDS, duration(deadline - t_start))
+    return deadline
+
+
+def sampling_seconds(state, repeats=3):
+    """(seconds, seconds an evaluation, evaluations) that --sample of this run will take on this machine: its
+    network evaluations at the sampling batch timed on the training network (compiled as --sample compiles it,
+    under inference_mode, the first call building the kernels, which --sample then finds in the compile cache),
+    times the evaluations of sampling.n_samples, plus SAMPLING_START_SECONDS."""
+    cfg, device = state.config, state.device
+    batch = min(cfg.sampling.batch_size, cfg.sampling.n_samples)
+    shape = (batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    x, labels = torch.zeros(shape, device=device), torch.zeros(batch, dtype=torch.long, device=device)
+    score_fn = make_score_fn(state.model, cfg, device, state.sigmas)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            score_fn(x, labels)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+    per_eval = float(np.median(times[1:]))
+    evals = (sampler_steps(cfg.sampling, state.sigmas) + cfg.sampling.denoise) * math.ceil(cfg.sampling.n_samples / batch)
+    return evals * per_eval + SAMPLING_START_SECONDS, per_eval, evals
+
+
+class Bookkeeping:
+    """What the training loop does around the method's step: read the losses back and log them (every
+    training.log_freq steps), progress, the test loss (test_freq), checkpoints (snapshot_freq, the last step, a
+    stop signal, the time budget), the snapshot grid and the on_snapshot hook at each numbered checkpoint.
+    Under torchrun the ranks agree on a stop signal and the budget at log steps (one all-reduce each)."""
+
+    def __init__(self, state, writer, signals, deadline, on_snapshot, test_u8, resume_command):
+        self.state, self.writer, self.signals, self.deadline = state, writer, signals, deadline
+        self.on_snapshot, self.test_u8, self.resume_command = on_snapshot, test_u8, resume_command
+        self.window = []  # (step, per-sample loss, levels, global batch) on the device, read back at log steps
+        self.last = float("nan")  # the loss of the last log step
+        tcfg = state.config.training
+        self.progress = Progress(state.n_total, "train", "steps", initial=state.step, on=state.device,
+                                 enabled=state.run.rank == 0, deadline=deadline, short_hint=(
+                                     f"the run ends short of training.n_iters, and samples less well than a run "
+                                     f"that reaches it; more time: --set training.max_minutes=M (now "
+                                     f"{tcfg.max_minutes:g}), or continue later with --resume_training"))
+
+    def after_step(self, loss, levels, batch):
+        """The bookkeeping after step state.step with this rank's per-sample loss and levels of its global batch of
+        `batch` images. Returns True when the time
+        budget ends the run here (a numbered checkpoint written); raises Interrupted after a stop signal (a
+        checkpoint written)."""
+        state, tcfg = self.state, self.state.config.training
+        step = state.step
+        self.window.append((step, loss, levels, batch))
+        self.progress.update(1)
+        snapshot = step % tcfg.snapshot_freq == 0 or step == state.n_total
+        stop, out_of_time = None, False
+        signalled = self.signals.signum and state.run.world == 1  # under DDP the ranks agree at log steps only
+        if step % tcfg.log_freq == 0 or step % tcfg.test_freq == 0 or snapshot or signalled:
+            stop, out_of_time = self.log_step()
+        if step % tcfg.test_freq == 0 and state.run.rank == 0:
+            loss = test_loss(state, self.test_u8)
+            self.writer.add_scalar("test_loss", loss, step)
+            log.info("step %d: loss %.4f, test loss %.4f", step, self.last, loss)
+        if snapshot or out_of_time or stop:
+            self.writer.flush()
+            save_checkpoint(state.run, state.checkpoint(), numbered=snapshot or out_of_time,
+                            keep_snapshots=tcfg.keep_snapshots)
+        if snapshot or out_of_time:  # the budget ends the run as its last step would
+            self.after_snapshot()
+        if stop:
+            raise Interrupted(stop, f"{signal.Signals(stop).name} at step {step}: checkpoint written, continue "
+                                    f"with: {self.resume_command}")
+        if out_of_time:
+            log.info("training.max_minutes (%g) reached at step %d of %d: checkpoint written; another budget: %s",
+                     tcfg.max_minutes, step, state.n_total, self.resume_command)
+        return out_of_time
+
+    def log_step(self):
+        """Read the window's losses back and log them; returns (the stop signal every rank heard of, or None;
+        whether the time budget is spent, on any rank)."""
+        state = self.state
+        self.last = log_losses(self.window, self.writer, state.sigmas, state.run)
+        self.window = []
+        self.progress.note(f"loss {self.last:.4f}")
+        stop = self.signals.signum or signal.SIGTERM if state.run.any_rank(self.signals.signum, state.device) else None
+        spent = self.deadline is not None and time.time() >= self.deadline
+        return stop, state.step < state.n_total and state.run.any_rank(spent, state.device)
+
+    def after_snapshot(self):
+        if self.state.config.training.snapshot_grid and self.state.run.rank == 0:
+            snapshot_grid(self.state, self.writer)
+        if self.on_snapshot is not None:
+            self.on_snapshot(self.state, self.test_u8)  # on every rank: it may use collectives
+
+    def close(self):
+        self.progress.close()
+        self.writer.close()
 
 
 def snapshot_grid(state, writer):
     """training.snapshot_grid samples of the sampling weights with training.snapshot_steps_each Langevin steps
     a level (step_lr by NCSNv2's rule for that T: noise.langevin_step_lr), from a generator of their own (the
     training stream is untouched), into TensorBoard ('snapshot_grid') and <log_dir>/snapshot_grids/."""
-    from noise import langevin_step_lr
     from torchvision.utils import make_grid, save_image
     cfg, tcfg, sigmas = state.config, state.config.training, state.sigmas
-    gamma = float(sigmas[0] / sigmas[1]) if len(sigmas) > 1 else 1.0
-    scfg = dataclasses.replace(cfg.sampling, n_steps_each=tcfg.snapshot_steps_each, batch_size=tcfg.snapshot_grid,
-                               step_lr=langevin_step_lr(float(sigmas[-1]), gamma, tcfg.snapshot_steps_each)
-                               if cfg.sampling.sampler == "langevin" else cfg.sampling.step_lr)
+    scfg = snapshot_grid_sampling(cfg, sigmas)
     grid_cfg = dataclasses.replace(cfg, sampling=scfg)
     t0 = time.time()
     g = torch.Generator(state.device).manual_seed(derive_seed(state.seed, "snapshot_grid", state.step))
@@ -500,13 +682,37 @@ def snapshot_grid(state, writer):
              len(images), sampler_steps(scfg, sigmas) + scfg.denoise, time.time() - t0)
 
 
-def log_losses(window, writer, sigmas, batch, run):
+def snapshot_grid_sampling(config, sigmas):
+    """The sampling settings of the snapshot grid: the configured sampler with training.snapshot_steps_each steps
+    a level, the batch training.snapshot_grid, and for Langevin dynamics NCSNv2's step_lr for that T
+    (noise.langevin_step_lr)."""
+    from noise import langevin_step_lr
+    tcfg, sigmas = config.training, sigmas.cpu()
+    gamma = float(sigmas[0] / sigmas[1]) if len(sigmas) > 1 else 1.0
+    return dataclasses.replace(config.sampling, n_steps_each=tcfg.snapshot_steps_each,
+                               batch_size=max(1, tcfg.snapshot_grid),
+                               step_lr=langevin_step_lr(float(sigmas[-1]), gamma, tcfg.snapshot_steps_each)
+                               if config.sampling.sampler == "langevin" else config.sampling.step_lr)
+
+
+def check_training_samplers(config):
+    """Every sampler setting a training run will use, checked before it starts (a ConfigError, exit 2): the
+    sampling config (the metrics hook and --sample after it) and the snapshot grid's."""
+    sigmas = config_sigmas(config)
+    check_sampler(config.sampling, sigmas, ConfigError, f" (sampling.n_steps_each = {config.sampling.n_steps_each})")
+    if config.training.snapshot_grid:
+        check_sampler(snapshot_grid_sampling(config, sigmas), sigmas, ConfigError,
+                      f" for the snapshot grid's training.snapshot_steps_each = {config.training.snapshot_steps_each}"
+                      f" steps a level (or turn the grid off: training.snapshot_grid: 0)")
+
+
+def log_losses(window, writer, sigmas, run):
     """Read the window's losses back from the device (summed over ranks: one sync for the window), stop on a
-    non-finite one, write them to TensorBoard; returns the last step's loss."""
-    sums = torch.stack([loss.sum() for _, loss, _ in window])  # (W,)
+    non-finite one, write each step's mean over its global batch to TensorBoard; returns the last step's."""
+    sums = torch.stack([loss.sum() for _, loss, _, _ in window])  # (W,)
     if run.world > 1:
         torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
-    for (step, loss, labels), total in zip(window, sums.tolist()):
+    for (step, loss, labels, batch), total in zip(window, sums.tolist()):
         value = total / batch
         if not math.isfinite(value):
             levels = sorted(set(labels[~torch.isfinite(loss)].tolist()))
@@ -534,31 +740,44 @@ def test_loss(state, test_u8):
 # ----------------------------------------------------------------------------------------------------------
 # Sampling
 
-def load_trained(ckpt_path, config, device, seed):
-    """The checkpoint file ckpt_path (a run's checkpoint.pth or a numbered snapshot), ready to sample:
-    (config, score function, sigmas on the device, step).
-
-    The model and data settings are the checkpoint's; `sampling`, `eval`, `fast` and data.root come from `config`
-    (the run's config.yml, or --config, with --set) when it is given. With model.ema and sampling.ema on, the EMA
-    weights are used.
-    """
-    ckpt = load_checkpoint(ckpt_path, device)
+def read_trained(ckpt_path, config):
+    """(config, checkpoint dict on the CPU) of the checkpoint file ckpt_path (a run's checkpoint.pth or a numbered
+    snapshot). The model and data settings are the checkpoint's; `sampling`, `eval`, `fast` and data.root come from
+    `config` (the run's config.yml, or --config, with --set) when it is given. A sampler setting that cannot run
+    is a one-line error here, before anything is built or written."""
+    ckpt = load_checkpoint(ckpt_path, "cpu")  # the device gets only the weights it samples with
     run_cfg = checkpoint_config(ckpt, ckpt_path)
     if config is not None:
         run_cfg = dataclasses.replace(run_cfg, sampling=config.sampling, fast=config.fast, eval=config.eval,
                                       data=dataclasses.replace(run_cfg.data, root=config.data.root))
+    check_sampler(run_cfg.sampling, config_sigmas(run_cfg), NCSNError)
+    return run_cfg, ckpt
+
+
+def trained_network(run_cfg, ckpt, ckpt_path, device, seed, batch):
+    """The score function of the checkpoint `ckpt` (read_trained) on `device` and its sigmas: the EMA weights with
+    model.ema and sampling.ema on, the network compiled as fast: asks, built at the first sampling batch's size
+    `batch` before the first step (compile_model)."""
     devices.set_precision(run_cfg, device)
     model = make_model(run_cfg, device)
     use_ema = run_cfg.model.ema and run_cfg.sampling.ema
     load_model_state(model, ckpt["ema"] if use_ema else ckpt["model"], ckpt_path)
-    compile_model(model.eval(), run_cfg)
-    sigmas = get_sigmas(run_cfg.model.sigma_begin, run_cfg.model.sigma_end, run_cfg.model.num_classes).to(device)
-    if run_cfg.sampling.sampler == "consistent":  # a step_lr CAS cannot use fails here, before anything is written
-        consistent_eta(consistent_levels(sigmas, run_cfg.sampling.n_steps_each), run_cfg.sampling.step_lr)
+    path = compile_model(model.eval(), run_cfg, warm_up_sampling(run_cfg, device, batch))
+    log.info("speed path: %s, %s", path, "channels_last" if run_cfg.fast.channels_last else "NCHW")
+    sigmas = config_sigmas(run_cfg).to(device)
     log.info("model of step %d%s; %s sampling, %d levels x %d steps, step_lr %g%s, seed %d", ckpt["step"],
              " (EMA weights)" if use_ema else "", run_cfg.sampling.sampler, len(sigmas), run_cfg.sampling.n_steps_each,
              run_cfg.sampling.step_lr, ", final denoising step" if run_cfg.sampling.denoise else "", seed)
-    return run_cfg, make_score_fn(model, run_cfg, device, sigmas), sigmas, ckpt["step"]
+    return make_score_fn(model, run_cfg, device, sigmas), sigmas
+
+
+def load_trained(ckpt_path, config, device, seed, n=None):
+    """read_trained and trained_network in one: (config, score function, sigmas on the device, step) for drawing
+    `n` samples in batches of sampling.batch_size (default: sampling.n_samples)."""
+    run_cfg, ckpt = read_trained(ckpt_path, config)
+    n = run_cfg.sampling.n_samples if n is None else n
+    score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, seed, min(n, run_cfg.sampling.batch_size))
+    return run_cfg, score_fn, sigmas, ckpt["step"]
 
 
 def sampling_generator(run, device, seed):
@@ -629,9 +848,12 @@ def sample(args, config, device, guide=None):
     guide(run config, score_fn, sigmas) -> (score_for_batch, grid row length or None), when given, steers the
     samples (--digit: guidance.digit_guide); it is called before anything is written."""
     run, device = Run.from_args(args), torch.device(device)
-    run_cfg, score_fn, sigmas, _ = load_trained(chosen_checkpoint(run, args.ckpt), config, device, args.seed)
-    score_for_batch, nrow = guide(run_cfg, score_fn, sigmas) if guide is not None else (None, None)
+    ckpt_path = chosen_checkpoint(run, args.ckpt)
+    run_cfg, ckpt = read_trained(ckpt_path, config)
     scfg = run_cfg.sampling
+    lo, hi = run.shard(scfg.n_samples)  # under torchrun each rank draws its share, with its own seed
+    score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, args.seed, min(scfg.batch_size, hi - lo))
+    score_for_batch, nrow = guide(run_cfg, score_fn, sigmas) if guide is not None else (None, None)
     names = output_paths(output_folder(args, run), ["samples.png", "samples.pt", "movie.gif"], args.overwrite)
     total = sampler_steps(scfg, sigmas)
     frame_steps = set(np.linspace(1, total, min(scfg.n_frames, total)).round().astype(int).tolist())
@@ -645,7 +867,6 @@ def sample(args, config, device, guide=None):
             frames.append(to_image(x[:n_grid]).clamp(0, 1).cpu())
 
     t0 = time.time()
-    lo, hi = run.shard(scfg.n_samples)  # under torchrun each rank draws its share, with its own seed
     own_batch = None if score_for_batch is None else lambda a, b: score_for_batch(lo + a, lo + b)  # global indices
     samples = draw_samples(score_fn, sigmas, run_cfg, hi - lo, sampling_generator(run, device, args.seed), device,
                            callback=record, score_for_batch=own_batch, desc="sample" if run.rank == 0 else None)
@@ -657,9 +878,20 @@ def sample(args, config, device, guide=None):
     return 0
 
 
-def output_folder(args, run):
-    """-o, or the run's own samples/ folder (never the repository's images/)."""
-    return args.image_folder if args.image_folder is not None else os.path.join(run.log_dir, "samples")
+def output_folder(args, run, kind="samples"):
+    """-o, or a folder of the run's own (never the repository's images/) named for what is drawn, so that no
+    sampling command writes over another's output: samples/ for --sample of the newest checkpoint,
+    samples_digit3/ for --digit 3, samples_ckpt1000/ for --ckpt 1000 (samples_ckpt1000_digit3/ for both), and
+    inpaint/ (inpaint_ckpt1000/) for --inpaint."""
+    if args.image_folder is not None:
+        return args.image_folder
+    name = kind
+    if args.ckpt is not None:
+        name += "_ckpt" + (args.ckpt if args.ckpt.isdigit() else
+                           os.path.splitext(os.path.basename(os.path.normpath(args.ckpt)))[0])
+    if getattr(args, "digit", None) is not None:
+        name += f"_digit{args.digit}"
+    return os.path.join(run.log_dir, name)
 
 
 def write_samples(samples, frames, names, to_image, nrow=None):
