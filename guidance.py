@@ -308,8 +308,8 @@ def guidance_scale(args, config):
     w = args.guidance_scale if args.guidance_scale is not None else config.sampling.guidance_scale
     if w <= 0:
         raise NCSNError(f"--digit {args.digit} needs a guidance scale above 0 (sampling.guidance_scale is "
-                        f"{config.sampling.guidance_scale}): pass --guidance_scale W, e.g. 5 (README, 'Ask for a "
-                        f"digit')")
+                        f"{config.sampling.guidance_scale}): pass --guidance_scale W, e.g. 5 "
+                        f"(docs/results.md#what-the-guidance-scale-w-buys)")
     return w
 
 

@@ -1,7 +1,8 @@
 """NCSNv2's noise design (Song & Ermon, 2020, "Improved Techniques for Training Score-Based Generative
 Models"): the largest noise level, the ratio of consecutive levels, their number and the Langevin step size,
-and the `--noise_design` command that prints them for the training data. Its own module: none of it runs
-while training or sampling; it chooses the config's numbers."""
+and the `--noise_design` command that prints them for the training data. Its own module: it chooses the
+config's numbers, and sampling does not call it; training calls `langevin_step_lr` for the step size of the
+snapshot grid (training.snapshot_grid, runner.snapshot_grid)."""
 import math
 import time
 

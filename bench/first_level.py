@@ -10,7 +10,8 @@ level of annealed Langevin dynamics only (n_steps_each steps at alpha_1 = step_l
 metrics.WHITE_MEAN). At sigma_1 the chain should hold noisy digits: mean pixel about 0.13 +- 0.04. Chains that
 leave this level bright stay bright: the later, smaller levels cannot move a whole background, so this share
 predicts the white share of the finished samples at a fraction of the cost (about two minutes for 40 chains per
-start at ngf 32 on 2 CPU cores, against half an hour for the whole sampler). The table in the README ("Samples that turn white") was made with it.
+start at ngf 32 on 2 CPU cores, against half an hour for the whole sampler). The table of
+docs/results.md#where-it-is-decided-the-first-level was made with it.
 """
 import argparse
 import dataclasses
@@ -67,7 +68,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=40, help="chains per start")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", type=cli.parse_device, metavar="DEVICE",
-                   help="auto, cpu, cuda, cuda:N or mps; default cpu (the README's rows are CPU rows)")
+                   help="auto, cpu, cuda, cuda:N or mps; default cpu (the rows of docs/results.md are CPU rows)")
     args = p.parse_args(argv)
     try:
         device = devices.resolve_device(args.device)

@@ -1,4 +1,4 @@
-"""Classifier guidance measured (README, "Ask for a digit"): samples of a trained run asked for a digit at
+"""Classifier guidance measured (docs/results.md#asking-for-a-digit): samples of a trained run asked for a digit at
 several guidance scales w, scored by the independent metrics classifier (metrics.py), not the guidance one.
 
     .venv/bin/python bench/guidance.py --doc quick30 --scales 0 1 2 5 10 20 --digits 3 all -o run/bench/guidance
@@ -10,7 +10,8 @@ test images of that digit (all 10,000 for "all"), the mean top-class confidence,
 sampling seconds. w = 0 asks for nothing: it is drawn once and scored against each digit, the baseline. The
 grids (<digit>_w<w>.png, "all" one row per digit) and results.json go to -o, which must not hold them yet
 unless --overwrite is given. FID of 100 samples against ~1,000 images of one digit is biased upwards as every
-FID of few samples is (README, "Sample quality"): compare rows with each other, not with the 10-digit rows.
+FID of few samples is (docs/results.md#how-to-read-these-pages): compare rows with each other, not with the
+10-digit rows.
 """
 import argparse
 import dataclasses
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("-o", "--out", default="run/bench/guidance", help="folder for the grids and results.json")
     p.add_argument("--overwrite", action="store_true", help="replace grids already in -o")
     p.add_argument("--device", default="cpu", type=cli.parse_device, metavar="DEVICE",
-                   help="auto, cpu, cuda, cuda:N or mps; default cpu (the README's rows are CPU rows)")
+                   help="auto, cpu, cuda, cuda:N or mps; default cpu (the rows of docs/results.md are CPU rows)")
     return p.parse_args(argv)
 
 

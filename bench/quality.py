@@ -14,7 +14,7 @@ too (the time-quality curve of one run). Each row gives FID, the Inception-style
 confidence, the range of the ten digit shares, the share of white samples (mean pixel > 0.5: white
 backgrounds, not digits), the final training loss, and the seconds of training (up to that snapshot), sampling
 and the whole --eval. FID is on the 128 features of the repository's MNIST classifier (metrics.py), against the
-10,000 test images; it compares runs of this project, and only at the same number of samples: 100 real
+10,000 test images; it compares runs of this repository, and only at the same number of samples: 100 real
 training digits score 41.5 where 10,000 score 1.74 (`--reference --n_reference 100`).
 """
 import argparse
@@ -102,8 +102,8 @@ def main_bench(argv=None):
     p.add_argument("--n_reference", type=int, default=10000, help="images in each reference row")
     p.add_argument("--out", default="run/bench", help="where the runs go")
     p.add_argument("--device", default="cpu", type=main.parse_device, metavar="DEVICE",
-                   help="auto, cpu, cuda, cuda:N or mps for training and --eval; default cpu (the README's rows "
-                        "are CPU rows)")
+                   help="auto, cpu, cuda, cuda:N or mps for training and --eval; default cpu (the rows of "
+                        "docs/results.md are CPU rows)")
     args = p.parse_args(argv)
     try:
         devices.resolve_device(args.device)  # a device that is not there: one line, before any run folder

@@ -15,12 +15,12 @@ is close to what the wall clock would be on an idle machine when other processes
 only the wall clock means anything. --cache DIR reuses the warm cache of an earlier run and skips the compile
 columns (e.g. to compare environment settings). Results and their reading: docs/speed.md. Variants:
 
-    default             today's path: eager, NCHW, fast_kernels, fused Adam (fast: in configs/quick.yml)
+    default             eager, NCHW, fast_kernels, fused Adam (fast.compile_norms and fast.channels_last off)
     cl                  the same in channels_last (fast.channels_last)
-    norms               CIN++ and its ELU under torch.compile, convolutions eager (fast.compile: norms)
-    norms_cl            the same in channels_last
+    norms               CIN++ and its ELU under torch.compile, convolutions eager (fast.compile_norms)
+    norms_cl            the same in channels_last: the `fast:` section of configs/quick.yml
     norms_cl_simd256    the same with inductor's vectors 256 bits wide (AVX2: 8 floats, the 8 channels of ngf 8)
-    network             the whole network under torch.compile (fast.compile: network)
+    network             the whole network under torch.compile (fast.compile)
     network_cl          the same in channels_last
     network_cl_simd256  the same with 256-bit vectors
 """

@@ -5,7 +5,7 @@
 
 --sample lays its samples out as a grid of `nrow` columns with `PAD` pixels between cells (torchvision's
 make_grid). The movie keeps the top-left K x K samples and every STRIDE-th frame plus the last, which holds
-for two seconds, so the GIF stays small enough for a README.
+for two seconds, so the GIF stays small enough for a web page.
 """
 import argparse
 import os

@@ -6,6 +6,7 @@ import glob
 import os
 import re
 import shlex
+import sys
 import typing
 
 import pytest
@@ -147,3 +148,148 @@ def test_no_module_imports_one_that_imports_it_back():
 def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Links, anchors and pointers: every place the docs send a reader exists.
+#
+# Pages (README.md, docs/*.md) link with Markdown links, relative to the page: [text](docs/design.md#anchor).
+# Config comments and the docstrings and comments of the modules (*.py, bench/) point with a path from the
+# repository's root, optionally with an anchor: README.md#install, docs/results.md#the-learning-rate. A bare
+# "README" (as in "(README)") names no place and is refused; "the README's" (talk about it) is fine.
+
+PAGES = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
+POINTER_FILES = sorted(
+    [os.path.relpath(p, REPO) for pattern in ("*.py", "bench/*.py", "bench/*.sh", "configs/*.yml")
+     for p in glob.glob(os.path.join(REPO, pattern))] + ["config.yml"])
+FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.S | re.M)
+LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+POINTER = re.compile(r"(?<![\w/.-])((?:README|docs/[\w.-]+)\.md)(?:#([\w-]+))?")
+BARE_README = re.compile(r"\bREADME\b(?!\.md|'s)")
+HTML_ANCHOR = re.compile(r"<a\s+(?:[^>]*\s)?(?:id|name)=[\"']([^\"']+)[\"']", re.I)
+
+
+def read(relpath):
+    with open(os.path.join(REPO, relpath)) as f:
+        return f.read()
+
+
+def without_code(text):
+    """The page without its fenced code blocks and inline code: links and headings in code are not links."""
+    text = FENCE.sub("", text)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def github_slug(heading):
+    """The anchor GitHub gives a heading: its text (links as their text, no markup), lowercased, every character
+    but letters, digits, spaces, '-' and '_' removed, spaces to '-'."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # [text](url) -> text
+    text = re.sub(r"<[^>]+>", "", text)  # inline HTML
+    text = re.sub(r"[^\w\- ]", "", text.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(relpath):
+    """Every anchor of a page: its headings' slugs (the n-th repeat of a slug gets -n) and explicit <a id=...>."""
+    text = FENCE.sub("", read(relpath))
+    found, seen = set(), {}
+    for heading in re.findall(r"^ {0,3}#{1,6}[ \t]+(.+?)[ \t#]*$", text, re.M):
+        slug = github_slug(heading)
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        found.add(slug if n == 0 else f"{slug}-{n}")
+    return found | set(HTML_ANCHOR.findall(text))
+
+
+def link_problem(page, target):
+    """Why the relative link `target` on `page` leads nowhere, or None."""
+    if re.match(r"[a-z][a-z0-9+.-]*:", target, re.I):  # http(s), mailto: not fetched
+        return None
+    path, _, anchor = target.partition("#")
+    dest = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+    if dest.startswith(".."):
+        return f"{target}: outside the repository"
+    if not os.path.exists(os.path.join(REPO, dest)):
+        return f"{target}: no file {dest}"
+    if anchor and not dest.endswith(".md"):
+        return f"{target}: an anchor into {dest}, which is not a page"
+    if anchor and anchor not in anchors(dest):
+        return f"{target}: {dest} has no heading or <a id> with the anchor #{anchor}"
+    return None
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_link_and_anchor_of_a_page_resolves(page):
+    targets = LINK.findall(without_code(read(page)))
+    assert targets or page != "README.md", "the README links to its docs"
+    broken = [p for p in (link_problem(page, t) for t in targets) if p]
+    assert not broken, f"{page}: {broken}"
+
+
+def test_the_link_checker_sees_a_broken_file_and_anchor():
+    assert link_problem("README.md", "docs/design.md#seed-streams") is None
+    assert link_problem("docs/design.md", "results.md") is None
+    assert link_problem("README.md", "docs/nothing.md") is not None
+    assert link_problem("README.md", "docs/design.md#no-such-heading") is not None
+    assert link_problem("docs/design.md", "#seed-streams") is None
+    assert link_problem("README.md", "https://example.org/x#y") is None
+
+
+def test_heading_slugs_follow_githubs_rules():
+    assert github_slug("The `fast.compile` switch: 2x?") == "the-fastcompile-switch-2x"
+    assert github_slug("The recipe as shipped: seeds 1, 2, 3 and 1234") == "the-recipe-as-shipped-seeds-1-2-3-and-1234"
+    assert github_slug("bf16 against fp32 (step_lr 1.7e-5)") == "bf16-against-fp32-step_lr-17e-5"
+    assert github_slug("See [the paper](https://arxiv.org)") == "see-the-paper"
+
+
+def test_repeated_headings_and_html_anchors_are_anchors(tmp_path, monkeypatch):
+    (tmp_path / "p.md").write_text("# Notes\n\n## Run\n\n```\n## Run\n```\n\n## Run\n\n<a id=\"here\"></a>\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", str(tmp_path))
+    assert anchors("p.md") == {"notes", "run", "run-1", "here"}
+
+
+def pointer_problems(relpath):
+    """Pointers of one config or module (comments, docstrings and messages alike) that lead nowhere."""
+    text, problems = read(relpath), []
+    for m in BARE_README.finditer(text):
+        line = text.count("\n", 0, m.start()) + 1
+        problems.append(f"{relpath}:{line}: a bare README names no place (write README.md#anchor)")
+    for m in POINTER.finditer(text):
+        line = text.count("\n", 0, m.start()) + 1
+        problem = link_problem("x", m.group(1) + (f"#{m.group(2)}" if m.group(2) else ""))
+        if problem:
+            problems.append(f"{relpath}:{line}: {problem}")
+    return problems
+
+
+@pytest.mark.parametrize("relpath", POINTER_FILES)
+def test_every_pointer_in_a_config_or_module_resolves(relpath):
+    problems = pointer_problems(relpath)
+    assert not problems, problems
+
+
+def test_the_pointer_checker_sees_a_stale_pointer(tmp_path, monkeypatch):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A page\n\n## Its section\n")
+    (tmp_path / "README.md").write_text("# Title\n")
+    (tmp_path / "x.yml").write_text("a: 1  # (README)\nb: 2  # docs/a.md#its-section\nc: 3  # docs/a.md#gone\n"
+                                    "d: 4  # README.md#title; the README's pictures\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", str(tmp_path))
+    problems = pointer_problems("x.yml")
+    assert len(problems) == 2 and "x.yml:1:" in problems[0] and "x.yml:3:" in problems[1], problems
+
+
+WORDS_ABOUT_THE_MAKING = re.compile(r"\bissues?\b|\bthis session\b|\bproject's (machines?|kind)\b", re.I)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_no_page_speaks_of_how_the_repository_was_made(page):
+    """The pages speak to users about the repository, not of the tracker's issues or the machines it was built
+    on."""
+    found = [f"{page}:{read(page).count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}"
+             for m in WORDS_ABOUT_THE_MAKING.finditer(read(page))]
+    assert not found, found
+
+
+def test_the_readme_reads_in_a_few_screens():
+    assert len(readme().splitlines()) < 300

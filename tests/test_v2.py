@@ -39,7 +39,7 @@ def test_noise_rules_against_hand_computed_values():
     c = math.sqrt(2 * 784)
     assert norm.cdf(c * (g - 1) + 3 * g) - norm.cdf(c * (g - 1) - 3 * g) == pytest.approx(0.5, abs=1e-9)
     assert g == pytest.approx(1.082, abs=0.001)  # by hand: the equation gives 0.528 at 1.080 and 0.456 at 1.085
-    # 1 + log(16.9 / 0.01) / log(1.082) = 95.3: 96 levels, the issue's "about 96"
+    # 1 + log(16.9 / 0.01) / log(1.082) = 95.3: 96 levels, as configs/ncsnv2.yml has
     assert noise.num_noise_levels(16.9, 0.01, 1.082) == 96
     assert noise.num_noise_levels(1.0, 0.01, 0.01 ** (-1 / 9)) == 10  # the v1 geometric sequence
     def f(eps, T, s=0.01):  # technique 4's expression, written out again
