@@ -1,0 +1,251 @@
+"""The quick recipe on the machine a user has: no C++ compiler, a start that fails, a slower CPU under a time budget,
+steps slower than the log interval, and Windows' file-system calls."""
+import errno
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint
+import common
+import main
+import progress
+import runner
+import schema
+from conftest import CPU, REPO, tiny_config, write_config
+
+QUICK_TINY = ["training.n_iters=4", "training.snapshot_freq=2", "training.test_freq=2", "training.snapshot_grid=2",
+              "training.batch_size=8", "model.ngf=4", "sampling.n_steps_each=2", "sampling.n_samples=4",
+              "sampling.batch_size=4", "sampling.n_frames=3"]
+FALLBACK = "torch.compile cannot build its kernels here"
+
+
+def sets(*items):
+    return [w for item in items for w in ("--set", item)]
+
+
+# Three commands of configs/quick.yml (compile_norms on) in one fresh interpreter whose C++ compiler does not exist:
+# train 4 steps, resume to 6, sample. A marker line separates what each command said on stderr.
+DRIVER = """
+import sys
+sys.path.insert(0, {repo!r})
+import main
+for argv in {commands!r}:
+    print("=== " + argv[-1], file=sys.stderr, flush=True)
+    code = main.main(argv[:-1])
+    print("=== exit %d" % code, file=sys.stderr, flush=True)
+"""
+
+
+def test_without_a_cxx_compiler_the_quick_recipe_trains_resumes_and_samples_eagerly(tmp_path, fake_mnist):
+    run = ["--run", str(tmp_path / "run"), "--doc", "q"]
+    tiny = sets(*QUICK_TINY, f"data.root={fake_mnist}")
+    commands = [[*CPU, "--config", os.path.join(REPO, "configs", "quick.yml"), *run, *tiny, "train"],
+                [*CPU, *run, "--resume_training", *sets("training.n_iters=6"), "resume"],
+                [*CPU, *run, "--sample", "sample"]]
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "OMP_NUM_THREADS": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # an empty cache: every kernel needs the compiler
+    p = subprocess.run([sys.executable, "-c", DRIVER.format(repo=REPO, commands=commands)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600, env=env)
+    parts = {name: (text, int(code)) for name, text, code in re.findall(r"=== (\w+)\n(.*?)=== exit (\d+)", p.stderr,
+                                                                          re.S)}
+    assert sorted(parts) == ["resume", "sample", "train"], p.stderr[-3000:]
+    for name, (text, code) in parts.items():
+        assert code == 0, (name, text[-3000:])
+        warnings = [line for line in text.splitlines() if FALLBACK in line]
+        assert len(warnings) == 1, (name, text[-3000:])  # exactly one, naming the cause and the way to silence it
+        assert "No working C++ compiler" in warnings[0] and "--set fast.compile_norms=false" in warnings[0]
+        assert "speed path: eager (fast.compile_norms could not build its kernels)" in text
+    logs = tmp_path / "run" / "logs" / "q"
+    assert {"checkpoint_2.pth", "checkpoint_4.pth", "checkpoint_6.pth"} <= set(os.listdir(logs))
+    assert checkpoint.read_checkpoint(logs / "checkpoint.pth")["step"] == 6
+    assert "resuming at step 5 of 6" in parts["resume"][0]
+    samples = torch.load(logs / "samples" / "samples.pt", weights_only=True)
+    assert samples.shape == (4, 1, 28, 28) and torch.isfinite(samples).all()
+
+
+def test_the_eager_fallback_computes_what_the_compiled_network_does(monkeypatch):
+    """compile_model on a compiler that fails: the warm-up's failure makes the network eager again, and its output
+    is the plain network's; a failure that is not the compiler's is not hidden."""
+    from torch._inductor.exc import InductorError
+
+    cfg = schema.config_from_dict(tiny_config("unused", **{"fast.compile_norms": True}))
+    torch.manual_seed(0)
+    net = runner.make_model(cfg, torch.device("cpu"))
+    x, y = torch.rand(3, 1, 28, 28), torch.tensor([0, 1, 3])
+    with torch.no_grad():
+        plain = net(x, y)
+
+    def broken_compiler(model):
+        model(x, y)  # reaches the compiled CIN++ ...
+        raise InductorError(RuntimeError("No working C++ compiler found"), None)
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # dynamo is not needed to see the fallback
+    assert runner.compile_model(net, cfg, broken_compiler) == "eager (fast.compile_norms could not build its kernels)"
+    assert all(m.fused is None for m in net.modules() if hasattr(m, "fused"))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, y), plain)
+
+    def broken_network(model):
+        raise ValueError("a shape bug, not the compiler")
+
+    with pytest.raises(ValueError, match="a shape bug"):
+        runner.compile_model(runner.make_model(cfg, torch.device("cpu")), cfg, broken_network)
+
+
+def test_a_start_that_fails_before_step_1_is_rerun_by_the_same_command(tmp_path, fake_mnist, monkeypatch, capsys):
+    cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 4}))
+    argv = [*CPU, "--config", cfg, "--run", str(tmp_path / "run"), "--doc", "f"]
+    real_step = runner.TrainState.train_step
+
+    def fails(self, *args):
+        raise RuntimeError("the first step failed")
+
+    for rerun in ([], ["--resume_training"]):  # the same command, and the resume the README names
+        doc = f"f{len(rerun)}"
+        monkeypatch.setattr(runner.TrainState, "train_step", fails)
+        capsys.readouterr()
+        assert main.main([*argv[:-1], doc]) == 1
+        logs = tmp_path / "run" / "logs" / doc
+        assert logs.is_dir() and not [f for f in os.listdir(logs) if f.endswith(".pth")]
+        monkeypatch.setattr(runner.TrainState, "train_step", real_step)
+        capsys.readouterr()
+        assert main.main([*argv[:-1], doc, *rerun]) == 0, capsys.readouterr().err
+        assert checkpoint.read_checkpoint(logs / "checkpoint.pth")["step"] == 4
+    # a run folder that holds a checkpoint is still refused to a fresh start
+    capsys.readouterr()
+    assert main.main([*argv[:-1], "f0"]) == 1
+    assert "already exists: pick another --doc, or pass --resume_training" in capsys.readouterr().err
+
+
+def log_lines(monkeypatch):
+    """[(time, message)] of every record of the 'ncsn' logger from the next main.main on (its setup_logging starts
+    the logger afresh, so the recording handler is added after it)."""
+    import logging
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append((r.created, r.getMessage()))
+    real = main.setup_logging
+
+    def setup_then_record(*args, **kwargs):
+        logger = real(*args, **kwargs)
+        logger.addHandler(handler)
+        return logger
+    monkeypatch.setattr(main, "setup_logging", setup_then_record)
+    return records
+
+
+def slow_steps(monkeypatch, seconds):
+    """Make every training step take at least `seconds` (after its real work); returns the end times of the steps."""
+    real_step, ends = runner.TrainState.train_step, []
+
+    def slow(self, *args):
+        out = real_step(self, *args)
+        time.sleep(seconds)
+        ends.append(time.time())
+        return out
+    monkeypatch.setattr(runner.TrainState, "train_step", slow)
+    return ends
+
+
+def test_slow_steps_get_their_first_progress_line_and_their_size_at_once(tmp_path, fake_mnist, monkeypatch):
+    """log_freq 100 and steps of 0.3 s: the first progress line comes at the first step and the long-job line at the
+    second, not at the first log step 30 s in."""
+    monkeypatch.setattr(progress, "LONG_JOB_SECONDS", 1.0)
+    ends = slow_steps(monkeypatch, 0.3)
+    cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 5, "training.log_freq": 100,
+                                                                       "training.test_freq": 100}))
+    lines = log_lines(monkeypatch)
+    assert main.main([*CPU, "--config", cfg, "--run", str(tmp_path / "run"), "--doc", "s", "--progress", "20"]) == 0
+    first = [(t, m) for t, m in lines if m.startswith("train: 1/5 steps")]
+    sized = [(t, m) for t, m in lines if m.startswith("train: 5 steps will take about")]
+    assert len(first) == 1 and first[0][0] - ends[0] < 0.1, lines  # at the first step, not 20 s later
+    assert len(sized) == 1 and sized[0][0] - ends[1] < 0.1, lines  # at the second step
+
+
+def test_under_a_budget_the_progress_counts_down_to_it(tmp_path, fake_mnist, monkeypatch):
+    """A budget that stops the run long before n_iters: the start says where it will end (a warning: far short),
+    every progress line gives the budget's time left and the step it ends near, and the run stops there."""
+    slow_steps(monkeypatch, 0.05)
+    cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 10_000,
+                                                                       "training.n_epochs": 10_000,
+                                                                       "training.snapshot_freq": 10_000,
+                                                                       "training.max_minutes": 0.05}))  # 3 s
+    lines = log_lines(monkeypatch)
+    assert main.main([*CPU, "--config", cfg, "--run", str(tmp_path / "run"), "--doc", "b", "--progress", "0.5"]) == 0
+    text = "\n".join(m for _, m in lines)
+    start = re.search(r"train: at the first rate \([\d.]+ steps/s on cpu\) the time budget ends near ([\d,]+) step "
+                      r"of 10,000 in (\d+) s: the run ends short of training.n_iters", text)
+    assert start and int(start.group(1).replace(",", "")) < 200 and int(start.group(2)) <= 3, text
+    counting = re.findall(r"train: \d+/10000 steps \(\d+%\), [\d.]+ steps/s, (\d+) s left \(time budget; ends near "
+                          r"[\d,]+\)", text)
+    assert len(counting) >= 3 and all(int(s) <= 3 for s in counting), text
+    stopped = int(re.search(r"training.max_minutes \(0.05\) reached at step (\d+) of 10000", text).group(1))
+    assert stopped < 200
+
+
+def test_the_budget_leaves_room_for_the_sampling_measured_here(tmp_path, fake_mnist, monkeypatch):
+    """training.budget_includes_sampling: the sampling time (the network's evaluations timed at the start, plus the
+    start-up allowance) comes off the training budget, and the log says how much."""
+    monkeypatch.setattr(runner, "SAMPLING_START_SECONDS", 176)  # of a 3-minute budget: 4 s and less are left
+    slow_steps(monkeypatch, 0.05)
+    cfg = tiny_config(fake_mnist, **{"training.n_iters": 10_000, "training.n_epochs": 10_000,
+                                     "training.snapshot_freq": 10_000,
+                                     "training.max_minutes": 3.0, "training.budget_includes_sampling": True})
+    lines = log_lines(monkeypatch)
+    t0 = time.time()
+    assert main.main([*CPU, "--config", write_config(tmp_path / "c.yml", cfg), "--run", str(tmp_path / "run"),
+                      "--doc", "r"]) == 0
+    took = time.time() - t0
+    text = "\n".join(m for _, m in lines)
+    said = re.search(r"training.max_minutes 3 covers one --sample too: 4 samples take about 2 min (\d+) s here "
+                     r"\((\d+) network evaluations at [\d.e-]+ s each, \+ 176 s to start and write\), so training "
+                     r"stops (\d+) s after the start", text)
+    assert said and int(said.group(2)) == 4 * 2 and int(said.group(3)) <= 4, text  # 4 levels x 2 steps, 1 batch
+    assert took < 10, f"training went on for {took:.0f} s"
+    assert "training.max_minutes (3) reached" in text
+
+
+def test_windows_file_calls_leave_every_checkpoint_written_and_loadable(tmp_path, fake_mnist, monkeypatch, capsys):
+    """Where folders cannot be opened (os.open of a folder raises PermissionError on Windows) and os.statvfs does not
+    exist, checkpoints are still written whole and load; a failed write says the free space is unknown."""
+    real_open = os.open
+
+    def no_folders(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_folders)
+    monkeypatch.delattr(os, "statvfs")
+    cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 4,
+                                                                       "training.snapshot_freq": 2}))
+    assert main.main([*CPU, "--config", cfg, "--run", str(tmp_path / "run"), "--doc", "w"]) == 0
+    logs = tmp_path / "run" / "logs" / "w"
+    for name in ("checkpoint_2.pth", "checkpoint_4.pth", "checkpoint.pth"):
+        assert checkpoint.damage(logs / name) is None and checkpoint.read_checkpoint(logs / name)["step"] > 0
+    assert common.free_bytes(str(tmp_path)) is None
+    error = common.write_error(str(logs / "x.pth"), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 1000)
+    assert "it needs 1,000 bytes, free space unknown" in str(error)
+
+
+def test_a_replace_refused_while_another_process_reads_the_file_is_retried(tmp_path, monkeypatch):
+    """Windows refuses os.replace onto a file another process holds open: the write waits and retries."""
+    real_replace, calls = os.replace, []
+
+    def held_open_twice(src, dst):
+        calls.append(dst)
+        if len(calls) <= 2:
+            raise PermissionError(errno.EACCES, "The process cannot access the file", dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(common, "REPLACE_RETRIES", 3)
+    monkeypatch.setattr(common, "REPLACE_WAIT", 0.01)
+    monkeypatch.setattr(os, "replace", held_open_twice)
+    common.atomic_write_bytes(str(tmp_path / "f.bin"), b"whole")
+    assert (tmp_path / "f.bin").read_bytes() == b"whole" and len(calls) == 3
+    assert os.listdir(tmp_path) == ["f.bin"]  # no temporary file left
