@@ -199,12 +199,17 @@ def test_compile_norms_keeps_the_function_and_the_state_dict(channels_last):
         torch._dynamo.reset()
 
 
-def test_cin_plus_elu_under_inductor_equals_eager():
-    """The inductor kernels of cin_plus_elu (forward and backward, a tiny shape) compute the eager function."""
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_cin_plus_elu_under_inductor_equals_eager(channels_last):
+    """The inductor kernels of cin_plus_elu (forward and backward, a tiny shape) compute the eager function, in
+    both layouts (configs/quick.yml compiles it channels-last; its own test there uses dynamo's eager backend)."""
     from model import cin_plus_elu
     torch.manual_seed(0)
     w = torch.randn(3, 12, requires_grad=True)
-    x = (torch.randn(2, 4, 5, 5) * 2 + 1).requires_grad_()
+    x = torch.randn(2, 4, 5, 5) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     y = torch.tensor([2, 0])
     try:
         compiled = torch.compile(cin_plus_elu, dynamic=False)
