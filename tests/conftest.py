@@ -93,6 +93,17 @@ def train_off_and_on(tmp_path, data_root, switches):
     return run, ckpts
 
 
+def graph_counter():
+    """A torch.compile backend that runs the captured graphs as they are (no inductor, no kernels to generate)
+    and keeps them: (backend, list of graphs). A test shows with it that compiled code was used."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend, graphs
+
+
 def assert_same_weights(expected, actual):
     """The model and EMA weights of two checkpoint dicts: the same keys in the same order, equal to float
     rounding."""

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 import main
-from conftest import CPU, REPO, write_config
+from conftest import CPU, REPO, graph_counter, write_config
 from schema import load_config
 
 
@@ -17,17 +17,18 @@ def test_shipped_configs_load(name):
 
 
 def test_quick_recipe_trains_and_samples_at_a_tiny_size(tmp_path, fake_mnist, monkeypatch):
-    """The recipe's settings, a few steps and a small batch. Its fast.compile_norms goes through dynamo's eager
-    backend here: the graphs are captured as the recipe's are, without inductor's kernel generation (half a
-    minute to minutes on a cold cache); inductor's kernels of CIN++ are tests/test_model.py's."""
+    """The recipe's settings, a few steps and a small batch. Its fast.compile_norms goes through a backend that
+    runs dynamo's graphs as they are: the graphs are captured as the recipe's are, without inductor's kernel
+    generation (half a minute to minutes on a cold cache); inductor's kernels of CIN++ are tests/test_model.py's."""
     from model import CondRefineNetDilated
 
     compiled = []
     compile_norms = CondRefineNetDilated.compile_norms
+    backend, graphs = graph_counter()
 
     def eager_backend(self, **options):
         compiled.append(options)
-        return compile_norms(self, **{**options, "backend": "eager"})
+        return compile_norms(self, **{**options, "backend": backend})
 
     monkeypatch.setattr(CondRefineNetDilated, "compile_norms", eager_backend)
     with open(os.path.join(REPO, "configs", "quick.yml")) as f:
@@ -50,7 +51,7 @@ def test_quick_recipe_trains_and_samples_at_a_tiny_size(tmp_path, fake_mnist, mo
         assert main.main([*CPU, "--run", run, "--doc", "quick", "--sample", "-o", str(out)]) == 0
     finally:
         torch._dynamo.reset()
-    assert len(compiled) == 2  # the training network's norms, then the sampling network's
+    assert len(compiled) == 2 and graphs  # the training network's norms, then the sampling network's; used
     samples = torch.load(out / "samples.pt", weights_only=True)
     assert samples.shape == (4, 1, 28, 28) and torch.isfinite(samples).all()
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import graph_counter
 from model import CondInstanceNormPlus, CondRefineNetDilated, fast_elu_fn
 
 
@@ -189,16 +190,6 @@ def test_cin_plus_elu_is_cin_plus_then_elu_with_its_gradients():
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
         for a, b in zip(torch.autograd.grad(ours, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
-
-
-def graph_counter():
-    """A torch.compile backend that runs the captured graphs as they are and counts them (no inductor)."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-    return backend, graphs
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
