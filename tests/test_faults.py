@@ -12,7 +12,7 @@ import torch
 
 import main
 import runner
-from common import snapshot_step
+from common import numbered_snapshots, snapshot_step
 from conftest import CPU, REPO, tiny_config, write_config
 
 DRIVER = os.path.join(REPO, "tests", "kill_driver.py")
@@ -114,7 +114,10 @@ def train_here(cfg_path, run_dir, doc, *extra):
 
 
 def run_with_kills(children, tmp_path, data, n_kills, seed):
-    n_iters = 18 + 4 * n_kills  # room for every kill: each lets the run advance a few steps at most
+    """Kill a run n_kills times (SIGKILL) at random moments, each after the process has made progress: inside its
+    first or second checkpoint write, or in its training loop after it has written a snapshot; resume each time.
+    Returns (kills, kills inside a write, resumes, resumes from a snapshot)."""
+    n_iters = 18 + 4 * n_kills  # room for every kill: each lets the run advance by one or two snapshots
     cfg = write_config(tmp_path / "c.yml", tiny_config(data, **{"training.n_iters": n_iters,
                                                                 "training.snapshot_freq": 3,
                                                                 "training.test_freq": 5}))
@@ -126,31 +129,30 @@ def run_with_kills(children, tmp_path, data, n_kills, seed):
     log_dir = os.path.join(run_dir, "logs", "k")
     log_file = os.path.join(log_dir, "stdout.txt")
     rng = random.Random(seed)
-    kills, mid_write, resumes = 0, 0, 0
+    kills, mid_write, resumes, from_snapshot = 0, 0, 0, 0
 
     def own_tmp(pid):  # a checkpoint of this process being written right now
         return os.path.isdir(log_dir) and any(f.endswith(f".tmp.{pid}") for f in os.listdir(log_dir))
 
-    def started():  # how many processes have begun their training loop (a line each in stdout.txt)
-        if not os.path.exists(log_file):
-            return 0
-        with open(log_file) as f:
-            text = f.read()
-        return text.count("training at step") + text.count("resuming at step")
+    def newest():  # the step of the newest whole snapshot (they appear by rename, whole)
+        return max((s for s, _ in numbered_snapshots(log_dir)), default=0) if os.path.isdir(log_dir) else 0
 
     while True:
         before = snapshots(log_dir)
         first = not os.path.isdir(log_dir)
-        n_started = started()
         proc = children.start(tmp_path / f"child_{kills}_{resumes}.txt", "--config", cfg, "--run", run_dir, "--doc",
                               "k", *([] if first else ["--resume_training"]))
         if kills < n_kills:
-            if rng.random() < 0.5:  # inside one of this process's checkpoint writes
-                wait_for(lambda: own_tmp(proc.pid), proc)
+            if rng.random() < 0.5:  # inside this process's first or second checkpoint write
+                for k in range(rng.randint(1, 2)):
+                    if k:
+                        wait_for(lambda: not own_tmp(proc.pid), proc)
+                    wait_for(lambda: own_tmp(proc.pid), proc)
                 time.sleep(rng.uniform(0, 0.08))  # within NCSN_SLOW_SAVE's 0.1 s after the bytes
-            else:  # inside the training loop, at a random moment of its first few steps
-                wait_for(lambda: started() > n_started, proc)
-                time.sleep(rng.uniform(0, 0.5))
+            else:  # inside the training loop, a random moment after this process's first snapshot
+                start = max(before.values(), default=0)
+                wait_for(lambda: newest() > start, proc)
+                time.sleep(rng.uniform(0, 0.3))
             if proc.poll() is None:
                 writing = own_tmp(proc.pid)
                 proc.kill()
@@ -163,6 +165,7 @@ def run_with_kills(children, tmp_path, data, n_kills, seed):
             marker = f"resuming at step {expected + 1} " if expected else "starting at step 1"
             assert marker in out, (marker, out)
             resumes += 1
+            from_snapshot += expected > 0
         # (b) whatever the moment of the kill, every checkpoint file on disk is whole
         snapshots(log_dir)
         if proc.returncode == 0:
@@ -173,19 +176,20 @@ def run_with_kills(children, tmp_path, data, n_kills, seed):
     assert final["step"] == n_iters
     for k, v in reference["model"].items():
         assert torch.equal(v, final["model"][k]), k
-    return kills, mid_write, resumes
+    return kills, mid_write, resumes, from_snapshot
 
 
 def test_sigkill_at_random_moments_quick(children, tmp_path, fake_mnist):
-    kills, mid_write, resumes = run_with_kills(children, tmp_path, fake_mnist, n_kills=3, seed=0)
-    assert kills == 3 and resumes >= 3
+    kills, mid_write, resumes, from_snapshot = run_with_kills(children, tmp_path, fake_mnist, n_kills=3, seed=0)
+    assert kills == 3 and resumes >= 3 and from_snapshot >= 2  # (only the first process may die before any)
 
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_full(children, tmp_path, fake_mnist):
-    kills, mid_write, resumes = run_with_kills(children, tmp_path, fake_mnist, n_kills=12, seed=1)
-    print(f"survived {kills} kills ({mid_write} inside a checkpoint write), {resumes} resumes")
-    assert kills >= 10 and mid_write >= 3 and resumes >= kills
+    kills, mid_write, resumes, from_snapshot = run_with_kills(children, tmp_path, fake_mnist, n_kills=12, seed=1)
+    print(f"survived {kills} kills ({mid_write} inside a checkpoint write), {resumes} resumes ({from_snapshot} "
+          f"from a snapshot)")
+    assert kills >= 10 and mid_write >= 3 and resumes >= kills and from_snapshot >= kills - 1
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
