@@ -1,6 +1,12 @@
-"""Shared helpers: tiny MNIST-format files written by the tests, tiny configs, and running main.py."""
+"""Shared helpers: tiny MNIST-format files written by the tests, tiny configs, one tiny run trained once per
+pytest run, and running main.py.
+
+A test stays fast when it calls main.main(argv) in this process (a new interpreter pays 2-4 s of imports before
+it does anything) and starts from the session's tiny run (copy_tiny_run) instead of training its own; a
+subprocess is for what only a process shows: its exit status, a signal, a fresh interpreter, torchrun."""
 import logging
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -11,6 +17,14 @@ import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+# One CPU thread for torch, here and in every process a test starts (they inherit the variable): the tiny
+# networks of the tests are bound by per-op overhead, not arithmetic, and with two threads a test slows down
+# several times over whenever another process takes one of the cores (the threads wait for each other).
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads when it starts its thread pool)
+
+torch.set_num_threads(1)
 
 # Every test runs on the CPU, also on a host with a GPU: the figures they compare (bitwise resume, the CPU's
 # sample counts, gloo under torchrun) are the CPU's. Each call of main.py passes CPU; the tests that need CUDA
@@ -79,6 +93,17 @@ def train_off_and_on(tmp_path, data_root, switches):
     return run, ckpts
 
 
+def graph_counter():
+    """A torch.compile backend that runs the captured graphs as they are (no inductor, no kernels to generate)
+    and keeps them: (backend, list of graphs). A test shows with it that compiled code was used."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend, graphs
+
+
 def assert_same_weights(expected, actual):
     """The model and EMA weights of two checkpoint dicts: the same keys in the same order, equal to float
     rounding."""
@@ -114,6 +139,35 @@ def ncsn_log():
 @pytest.fixture
 def fake_mnist(tmp_path_factory):
     return write_fake_mnist(str(tmp_path_factory.mktemp("data")))
+
+
+TINY_DOC = "r"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny run trained once per pytest run, to read and never to change: tiny_config's defaults (6 steps,
+    checkpoint_3.pth and checkpoint_6.pth, checkpoint.pth a hard link to the newest), doc TINY_DOC, in
+    <folder>/run, on the fake MNIST of <folder>/data. Returns <folder>; a test that changes the run works on a
+    copy (copy_tiny_run)."""
+    import main
+    folder = tmp_path_factory.mktemp("tiny_run")
+    data = write_fake_mnist(str(folder / "data"))
+    cfg = write_config(folder / "c.yml", tiny_config(data))
+    assert main.main([*CPU, "--config", cfg, "--run", str(folder / "run"), "--doc", TINY_DOC]) == 0
+    return folder
+
+
+def copy_tiny_run(tiny_run, run_root):
+    """A copy of the session's tiny run as <run_root>/logs/TINY_DOC and <run_root>/tensorboard/TINY_DOC, with
+    checkpoint.pth a hard link to checkpoint_6.pth again, as training leaves it. Returns the data root of its
+    config (the session's fake MNIST, also read-only)."""
+    for part in ("logs", "tensorboard"):
+        shutil.copytree(tiny_run / "run" / part / TINY_DOC, os.path.join(run_root, part, TINY_DOC))
+    logs = os.path.join(run_root, "logs", TINY_DOC)
+    os.remove(os.path.join(logs, "checkpoint.pth"))
+    os.link(os.path.join(logs, "checkpoint_6.pth"), os.path.join(logs, "checkpoint.pth"))
+    return str(tiny_run / "data")
 
 
 def snapshot_tree(folder):

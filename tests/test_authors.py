@@ -1,5 +1,7 @@
-"""model.py computes exactly the authors' network: their ngf-8 checkpoint (../shared/fixtures/authors_ncsn,
-written by their own code) loaded through authors.map_state_dict reproduces their saved output."""
+"""model.py computes exactly the authors' network: their checkpoints (written by their own code) loaded through
+authors.map_state_dict reproduce their saved outputs. The ngf-4 fixture travels with the repository
+(tests/fixtures/authors_ncsn_ngf4), so these tests run in any clone; the ngf-8 one is read from
+../shared/fixtures/authors_ncsn where it is present (it may not be copied into the repository)."""
 import os
 
 import pytest
@@ -10,28 +12,40 @@ from common import NCSNError
 from conftest import CPU, REPO
 from model import CondRefineNetDilated
 
-FIXTURE = os.path.join(REPO, "..", "shared", "fixtures", "authors_ncsn")
+FIXTURES = {4: os.path.join(REPO, "tests", "fixtures", "authors_ncsn_ngf4"),
+            8: os.path.join(REPO, "..", "shared", "fixtures", "authors_ncsn")}
 PLAIN_TOL = 1e-5  # max abs difference to their fp32 output (their values reach about 2.3)
 BF16_TOL = 0.1  # the fast path under bf16 autocast: about 8 bits of mantissa through ~60 layers
 
-needs_fixture = pytest.mark.skipif(not os.path.isdir(FIXTURE), reason="the shared fixtures are not beside the repo")
+NGF = [4, pytest.param(8, marks=pytest.mark.skipif(not os.path.isdir(FIXTURES[8]), reason="the ngf-8 fixture is in "
+                                                   "../shared/fixtures/authors_ncsn, which is not beside this clone"))]
+NGF_IDS = ["ngf4", "ngf8"]
 
 
-def their_checkpoint():
-    return torch.load(os.path.join(FIXTURE, "run", "logs", "mnist_ngf8", "checkpoint.pth"), weights_only=True)
+def their_folder(ngf):
+    """Their run folder run/logs/mnist_ngf<N> (checkpoint.pth and config.yml)."""
+    return os.path.join(FIXTURES[ngf], "run", "logs", f"mnist_ngf{ngf}")
 
 
-def our_network(fast_kernels):
-    net = CondRefineNetDilated(ngf=8, num_classes=10, channels=1, fast_kernels=fast_kernels)
-    net.load_state_dict(authors.map_state_dict(their_checkpoint()[0], net.state_dict()))
+def their_checkpoint(ngf=4):
+    return torch.load(os.path.join(their_folder(ngf), "checkpoint.pth"), weights_only=True)
+
+
+def their_io(ngf):
+    return torch.load(os.path.join(FIXTURES[ngf], "io.pt"), weights_only=True)
+
+
+def our_network(ngf, fast_kernels):
+    net = CondRefineNetDilated(ngf=ngf, num_classes=10, channels=1, fast_kernels=fast_kernels)
+    net.load_state_dict(authors.map_state_dict(their_checkpoint(ngf)[0], net.state_dict()))
     return net.eval()
 
 
-@needs_fixture
+@pytest.mark.parametrize("ngf", NGF, ids=NGF_IDS)
 @pytest.mark.parametrize("fast_kernels", [False, True], ids=["plain", "fast-kernels"])
-def test_our_network_reproduces_the_authors_output(fast_kernels):
-    io = torch.load(os.path.join(FIXTURE, "io.pt"), weights_only=True)
-    net = our_network(fast_kernels)
+def test_our_network_reproduces_the_authors_output(fast_kernels, ngf):
+    io = their_io(ngf)
+    net = our_network(ngf, fast_kernels)
     with torch.no_grad():
         out = net(io["x"], io["labels"])  # (10, 1, 28, 28)
         assert (out - io["score"]).abs().max().item() < PLAIN_TOL
@@ -41,10 +55,10 @@ def test_our_network_reproduces_the_authors_output(fast_kernels):
         assert (fast - io["score"]).abs().max().item() < BF16_TOL
 
 
-@needs_fixture
-def test_the_name_mapping_is_total_and_checked():
-    theirs = their_checkpoint()[0]
-    template = CondRefineNetDilated(ngf=8, num_classes=10).state_dict()
+@pytest.mark.parametrize("ngf", NGF, ids=NGF_IDS)
+def test_the_name_mapping_is_total_and_checked(ngf):
+    theirs = their_checkpoint(ngf)[0]
+    template = CondRefineNetDilated(ngf=ngf, num_classes=10).state_dict()
     assert len(authors.map_state_dict(theirs, template)) == len(theirs) == len(template)
     missing = dict(theirs)
     del missing["module.refine4.output_convs.3_2_conv.weight"]
@@ -53,7 +67,7 @@ def test_the_name_mapping_is_total_and_checked():
     extra = {**theirs, "module.refine4.extra.weight": torch.zeros(1)}
     with pytest.raises(NCSNError, match=r"module\.refine4\.extra\.weight has no counterpart"):
         authors.map_state_dict(extra, template)
-    wrong = {**theirs, "module.normalizer.embed.weight": torch.zeros(10, 30)}
+    wrong = {**theirs, "module.normalizer.embed.weight": torch.zeros(10, 30)}  # 3 x ngf columns, not 30
     with pytest.raises(NCSNError, match=r"module\.normalizer\.embed\.weight has shape \(10, 30\)"):
         authors.map_state_dict(wrong, template)
 
@@ -68,8 +82,8 @@ def import_run(tmp_path, source, doc="a"):
 
 
 def their_run_copy(tmp_path, state=None, optim=None, config_text=None):
-    """A copy of the fixture's run folder with the checkpoint's state dict or the config replaced."""
-    src = os.path.join(FIXTURE, "run", "logs", "mnist_ngf8")
+    """A copy of the ngf-4 fixture's run folder with the checkpoint's state dict or the config replaced."""
+    src = their_folder(4)
     dst = tmp_path / "theirs"
     dst.mkdir()
     ckpt = their_checkpoint()
@@ -81,20 +95,21 @@ def their_run_copy(tmp_path, state=None, optim=None, config_text=None):
     return dst
 
 
-@needs_fixture
-def test_import_then_sample_and_the_weights_and_adam_state_are_theirs(tmp_path, fake_mnist):
+@pytest.mark.parametrize("ngf", NGF, ids=NGF_IDS)
+def test_import_then_sample_and_the_weights_and_adam_state_are_theirs(tmp_path, fake_mnist, ngf):
     import main
     from conftest import tiny_config, write_config
 
-    assert import_run(tmp_path, os.path.join(FIXTURE, "run", "logs", "mnist_ngf8")) == 0
+    assert import_run(tmp_path, their_folder(ngf)) == 0
     ours = torch.load(tmp_path / "run" / "logs" / "a" / "checkpoint.pth", weights_only=True)
-    assert ours["step"] == 0 and ours["config"]["model"]["ngf"] == 8 and ours["config"]["sampling"]["step_lr"] == 2e-5
-    net = CondRefineNetDilated(ngf=8, num_classes=10, fast_kernels=False)
+    assert ours["step"] == 0 and ours["config"]["model"]["ngf"] == ngf and \
+        ours["config"]["sampling"]["step_lr"] == 2e-5
+    net = CondRefineNetDilated(ngf=ngf, num_classes=10, fast_kernels=False)
     net.load_state_dict(ours["model"])
-    io = torch.load(os.path.join(FIXTURE, "io.pt"), weights_only=True)
+    io = their_io(ngf)
     with torch.no_grad():
         assert (net.eval()(io["x"], io["labels"]) - io["score"]).abs().max().item() < PLAIN_TOL
-    theirs = their_checkpoint()
+    theirs = their_checkpoint(ngf)
     their_index = list(theirs[0]).index("module.refine4.output_convs.3_2_conv.weight")
     our_index = [n for n, _ in net.named_parameters()].index("refine4.out.convs.5.weight")
     assert torch.equal(ours["optimizer"]["state"][our_index]["exp_avg"], theirs[1]["state"][their_index]["exp_avg"])
@@ -112,7 +127,6 @@ def assert_refused(tmp_path, capsys, source, message):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
-@needs_fixture
 def test_import_refuses_a_doctored_checkpoint(tmp_path, capsys):
     state = dict(their_checkpoint()[0])
     del state["module.res2.0.shortcut.conv.bias"]
@@ -120,25 +134,22 @@ def test_import_refuses_a_doctored_checkpoint(tmp_path, capsys):
                    "model.py's parameter res2.0.shortcut.conv.bias is missing")
 
 
-@needs_fixture
 def test_import_refuses_a_cifar10_model(tmp_path, capsys):
     state = {"module.begin_conv.weight": torch.zeros(128, 3, 3, 3),
              "module.normalizer.embed.weight": torch.zeros(10, 384)}
-    text = (open(os.path.join(FIXTURE, "run", "logs", "mnist_ngf8", "config.yml")).read()
+    text = (open(os.path.join(their_folder(4), "config.yml")).read()
             .replace("channels: 1", "channels: 3").replace("dataset: MNIST", "dataset: CIFAR10")
-            .replace("image_size: 28", "image_size: 32").replace("ngf: 8", "ngf: 128"))
+            .replace("image_size: 28", "image_size: 32").replace("ngf: 4", "ngf: 128"))
     assert_refused(tmp_path, capsys, their_run_copy(tmp_path, state=state, config_text=text),
                    "is a CIFAR10 model (3 channels, 32 pixels, ngf 128): this repository runs MNIST only")
 
 
-@needs_fixture
 def test_import_refuses_a_config_that_contradicts_the_tensors(tmp_path, capsys):
-    text = open(os.path.join(FIXTURE, "run", "logs", "mnist_ngf8", "config.yml")).read().replace("ngf: 8", "ngf: 16")
+    text = open(os.path.join(their_folder(4), "config.yml")).read().replace("ngf: 4", "ngf: 16")
     assert_refused(tmp_path, capsys, their_run_copy(tmp_path, config_text=text),
-                   "its config says model.ngf = 16, its tensors say 8")
+                   "its config says model.ngf = 16, its tensors say 4")
 
 
-@needs_fixture
 def test_import_never_executes_yaml_tags(tmp_path, capsys):
     marker = tmp_path / "executed"
     text = f"!!python/object/apply:os.system ['touch {marker}']\n"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import main
-from conftest import CPU, snapshot_tree, tiny_config, write_config, write_fake_mnist
+from conftest import CPU, copy_tiny_run, snapshot_tree, tiny_config, write_config, write_fake_mnist
 
 
 def run(tmp_path, capsys, *args):
@@ -17,11 +17,9 @@ def run(tmp_path, capsys, *args):
 
 
 @pytest.fixture
-def trained(tmp_path, fake_mnist, capsys):
-    """A finished tiny run 'r' (6 steps, snapshots at 3 and 6) and its config path."""
-    cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist))
-    assert run(tmp_path, capsys, "--config", cfg, "--doc", "r")[0] == 0
-    return cfg
+def trained(tmp_path, tiny_run):
+    """A finished tiny run 'r' (6 steps, snapshots at 3 and 6) in tmp_path/run: a copy of the session's."""
+    copy_tiny_run(tiny_run, tmp_path / "run")
 
 
 def assert_one_line_error(code, errors, err, *words):

@@ -412,18 +412,16 @@ def test_a_full_disk_ends_training_with_one_line_and_the_earlier_snapshots_stay(
 
 @pytest.mark.skipif(NAMESPACE is None, reason="no mount namespace for a small file system here")
 def test_a_full_disk_under_samples_and_metrics_is_one_line_and_leaves_no_temporary_file(runs, tmp_path):
-    mount = tmp_path / "fs"
-    run = os.path.join(runs[0], "run")
-    # 8 KiB: samples.png (one page) fits, samples.pt (about 14 KB) does not
-    p = in_small_fs(mount, 8192, f"{sys.executable} {REPO}/main.py {' '.join(CPU)} --run {run} --doc r --sample -o "
-                                 f"{mount}/out; echo exit=$?; ls -a {mount}/out")
-    errors = [x for x in p.stderr.splitlines() if x.startswith("ERROR")]
-    assert "exit=1" in p.stdout and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
-    assert f"cannot write {mount}/out/samples.pt: No space left on device (ENOSPC); it needs " in errors[0]
-    assert "write to another -o" in errors[0]
-    assert sorted(p.stdout.split("exit=1")[1].split()) == [".", "..", "samples.png"]  # whole, and nothing else
-    code = (f"import os, sys; sys.path.insert(0, {REPO!r}); import evaluate; from common import Run, NCSNError\n"
-            f"run = Run({str(mount)!r}, 'm'); os.makedirs(run.log_dir)\n"
+    """--sample -o on an 8 KiB file system: samples.png (one page) fits, samples.pt (about 14 KB) does not; then
+    metrics.json on a full one. Both in one process, one interpreter start (main.main, then
+    evaluate.record_metrics), each file system of its own."""
+    small, full = tmp_path / "fs", tmp_path / "fs_full"
+    os.makedirs(full)
+    sample = [*CPU, "--run", os.path.join(runs[0], "run"), "--doc", "r", "--sample", "-o", f"{small}/out"]
+    code = (f"import os, sys; sys.path.insert(0, {REPO!r}); import evaluate, main; from common import Run, NCSNError\n"
+            f"print('exit', main.main({sample!r}), flush=True)\n"
+            f"print('out', sorted(os.listdir({str(small / 'out')!r})))\n"
+            f"run = Run({str(full)!r}, 'm'); os.makedirs(run.log_dir)\n"
             "with open(os.path.join(run.log_dir, 'filler'), 'wb', buffering=0) as f:\n"
             "    try:\n"
             "        while True: f.write(bytes(4096))\n"
@@ -431,18 +429,21 @@ def test_a_full_disk_under_samples_and_metrics_is_one_line_and_leaves_no_tempora
             "try: evaluate.record_metrics(run, {'step': 3, 'fid': 1.5})\n"
             "except NCSNError as e: print('ERROR', e)\n"
             "print('files', sorted(os.listdir(run.log_dir)))\n")
-    script = tmp_path / "metrics.py"
+    script = tmp_path / "full_disks.py"
     script.write_text(code)
-    p = in_small_fs(mount, 65536, f"{sys.executable} {script}")
-    assert f"ERROR cannot write {mount}/logs/m/metrics.json: No space left on device (ENOSPC); it needs " in p.stdout, \
+    p = in_small_fs(small, 8192, f"mount -t tmpfs -o size=65536 ncsn_test_full {full} && {sys.executable} {script}")
+    errors = [x for x in p.stderr.splitlines() if x.startswith("ERROR")]
+    assert "exit 1" in p.stdout and len(errors) == 1 and "Traceback" not in p.stderr, p.stdout + p.stderr
+    assert f"cannot write {small}/out/samples.pt: No space left on device (ENOSPC); it needs " in errors[0]
+    assert "write to another -o" in errors[0]
+    assert "out ['samples.png']" in p.stdout  # whole, and nothing else
+    assert f"ERROR cannot write {full}/logs/m/metrics.json: No space left on device (ENOSPC); it needs " in p.stdout, \
         p.stdout + p.stderr
     assert "files ['filler']" in p.stdout
 
 
 def test_import_authors_refuses_a_damaged_checkpoint(tmp_path, capsys):
-    fixture = os.path.join(REPO, "..", "shared", "fixtures", "authors_ncsn", "run", "logs", "mnist_ngf8")
-    if not os.path.isdir(fixture):
-        pytest.skip("the shared fixtures are not beside the repo")
+    fixture = os.path.join(REPO, "tests", "fixtures", "authors_ncsn_ngf4", "run", "logs", "mnist_ngf4")
     theirs = tmp_path / "theirs"
     shutil.copytree(fixture, theirs)
     raw = torch.load(theirs / "checkpoint.pth", weights_only=True)[0]["module.begin_conv.weight"].numpy().tobytes()

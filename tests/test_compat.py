@@ -1,7 +1,8 @@
 """A run written by the code before the runner was split up (commit PRE_SPLIT) still resumes and samples.
 
 The old code itself makes the checkpoint: the test unpacks that commit's tree from git into a temporary
-folder and trains a tiny run with its own main.py, then continues and samples it with today's main.py.
+folder and trains a tiny run with its own main.py (a process of its own: its modules have today's names), then
+continues and samples it with today's main.py.
 """
 import os
 import subprocess
@@ -11,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, run_main, write_config
+import main
+from conftest import CPU, REPO, write_config
 
 PRE_SPLIT = "81ed26d837b44a95d25ad0d632ff3f406b136ac5"  # the last commit with the one-class runner
 
@@ -27,7 +29,7 @@ def old_tree(dest):
     return dest
 
 
-def test_a_checkpoint_of_the_old_runner_resumes_and_samples(tmp_path, fake_mnist):
+def test_a_checkpoint_of_the_old_runner_resumes_and_samples(tmp_path, fake_mnist, monkeypatch, capsys):
     old = old_tree(tmp_path / "old")
     with open(old / "config.yml") as f:
         cfg = yaml.safe_load(f)  # the old schema's keys only
@@ -42,18 +44,19 @@ def test_a_checkpoint_of_the_old_runner_resumes_and_samples(tmp_path, fake_mnist
     before = torch.load(tmp_path / "run" / "logs" / "r" / "checkpoint.pth", weights_only=True)
     assert before["step"] == 4 and "ema_warmup" not in before["config"]["model"]
 
-    cfg["training"]["n_iters"] = 6  # today's code, the same settings, two more steps
-    p = run_main("--config", write_config(tmp_path / "new.yml", cfg), "--doc", "r", "--resume_training",
-                 cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
-    assert "resuming at step 5 of 6" in p.stderr
+    cfg["training"]["n_iters"] = 6  # today's code (main.main here), the same settings, two more steps
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main.main([*CPU, "--config", write_config(tmp_path / "new.yml", cfg), "--doc", "r",
+                      "--resume_training"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming at step 5 of 6" in err
     # the old checkpoint trained without EMA warm-up (its legacy value); today's default turns it on, and says so
-    assert "resuming with model.ema_warmup changed" in p.stderr
+    assert "resuming with model.ema_warmup changed" in err
     after = torch.load(tmp_path / "run" / "logs" / "r" / "checkpoint.pth", weights_only=True)
     assert after["step"] == 6
     assert any(not torch.equal(after["model"][k], before["model"][k]) for k in before["model"])
 
-    p = run_main("--doc", "r", "--sample", "-o", tmp_path / "s", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
+    assert main.main([*CPU, "--doc", "r", "--sample", "-o", str(tmp_path / "s")]) == 0
     assert sorted(os.listdir(tmp_path / "s")) == ["movie.gif", "samples.png", "samples.pt"]
     assert torch.load(tmp_path / "s" / "samples.pt", weights_only=True).shape == (4, 1, 28, 28)

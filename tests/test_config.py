@@ -4,7 +4,7 @@ import os
 import pytest
 import yaml
 
-from conftest import REPO, run_main, snapshot_tree, tiny_config, write_config
+from conftest import CPU, REPO, TINY_DOC, copy_tiny_run, run_main, snapshot_tree, tiny_config
 from schema import ConfigError, config_from_dict, config_to_dict, load_config
 
 
@@ -67,22 +67,31 @@ def test_unknown_and_missing_sections(tmp_path):
         config_from_dict(cfg)
 
 
-def test_bad_config_on_the_command_line_exits_2_and_leaves_the_run_alone(tmp_path, fake_mnist):
-    good = write_config(tmp_path / "good.yml", tiny_config(fake_mnist, **{"training.n_iters": 2}))
-    assert run_main("--config", good, "--doc", "r", cwd=tmp_path).returncode == 0
+def test_bad_config_on_the_command_line_exits_2_and_leaves_the_run_alone(tmp_path, tiny_run, monkeypatch, capsys):
+    """One real process shows the exit status of `python main.py`; the other cases run main.main here."""
+    import main
+
+    data = copy_tiny_run(tiny_run, tmp_path / "run")  # the run r, relative to the working folder: run/logs/r
+    monkeypatch.chdir(tmp_path)
     before = snapshot_tree(tmp_path / "run")
     cases = {
         "malformed.yml": "training: [batch_size: 3\n",
-        "unknown.yml": yaml.safe_dump(tiny_config(fake_mnist, **{"model.batch_norm": False})),
-        "range.yml": yaml.safe_dump(tiny_config(fake_mnist, **{"optim.lr": -0.1})),
+        "unknown.yml": yaml.safe_dump(tiny_config(data, **{"model.batch_norm": False})),
+        "range.yml": yaml.safe_dump(tiny_config(data, **{"optim.lr": -0.1})),
     }
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
+    p = run_main("--config", "malformed.yml", "--doc", TINY_DOC, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
+    for name in cases:
         for extra in ([], ["--resume_training"]):
-            p = run_main("--config", name, "--doc", "r", *extra, cwd=tmp_path)
-            assert p.returncode == 2, (name, p.stderr)
-            errors = [line for line in p.stderr.splitlines() if line.startswith("ERROR")]
-            assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
-    p = run_main("--config", "missing.yml", "--doc", "new", cwd=tmp_path)
-    assert p.returncode == 2 and "cannot read config missing.yml" in p.stderr
+            capsys.readouterr()
+            assert main.main([*CPU, "--config", name, "--doc", TINY_DOC, *extra]) == 2, name
+            err = capsys.readouterr().err
+            errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+            assert len(errors) == 1 and "Traceback" not in err, err
+    assert main.main([*CPU, "--config", "missing.yml", "--doc", "new"]) == 2
+    assert "cannot read config missing.yml" in capsys.readouterr().err
     assert snapshot_tree(tmp_path / "run") == before

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import devices
 import main
 import model
-from conftest import CPU, assert_same_weights, tiny_config, train_off_and_on, write_config
+from conftest import CPU, assert_same_weights, graph_counter, tiny_config, train_off_and_on, write_config
 
 
 def reports(monkeypatch, module, name, value):
@@ -179,26 +179,30 @@ def test_deterministic_flag_trains_the_same_twice(tmp_path, fake_mnist):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # dynamo traces the whole network three times (about 4 s each)
 def test_compile_switch_compiles_the_network_and_changes_nothing_else(monkeypatch, tmp_path, fake_mnist):
-    """fast.compile puts the training network and the sampling network under torch.compile (here through its
-    eager backend: dynamo captures the graphs, without the minutes inductor spends generating kernels) and
+    """fast.compile puts the training network and the sampling network under torch.compile (here through a
+    backend that runs and counts dynamo's graphs, without the minutes inductor spends generating kernels) and
     changes nothing else: the weights and EMA of the compiled run equal the eager run's to float rounding, the
     checkpoint holds the plain module's keys, and --sample reads it."""
     compiled = []
     module_compile = torch.nn.Module.compile
+    backend, graphs = graph_counter()
 
     def spy(self, *args, **kwargs):
         compiled.append(type(self).__name__)
-        return module_compile(self, *args, **{**kwargs, "backend": "eager"})
+        return module_compile(self, *args, **{**kwargs, "backend": backend})
 
     monkeypatch.setattr(torch.nn.Module, "compile", spy)
     try:
         run, ckpts = train_off_and_on(tmp_path, fake_mnist, ["fast.compile"])
         assert compiled == ["CondRefineNetDilated"]  # the training network; the EMA copy stays eager
+        trained_with = len(graphs)
+        assert trained_with > 0  # the compiled network ran in training
         assert main.main([*CPU, "--run", run, "--doc", "True", "--sample", "-o", str(tmp_path / "s")]) == 0
     finally:
         torch._dynamo.reset()
-    assert compiled == ["CondRefineNetDilated"] * 2  # and the sampling network
+    assert compiled == ["CondRefineNetDilated"] * 2 and len(graphs) > trained_with  # and the sampling network
     assert ckpts[True]["config"]["fast"]["compile"] and not ckpts[False]["config"]["fast"]["compile"]
     assert_same_weights(ckpts[False], ckpts[True])
     assert os.path.isfile(tmp_path / "s" / "samples.png")

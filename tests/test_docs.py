@@ -90,10 +90,42 @@ def test_schema_defaults_equal_config_yml():
 
 
 @pytest.mark.parametrize("shipped", sorted(glob.glob(os.path.join(REPO, "configs", "*.yml"))) +
-                         [os.path.join(REPO, "config.yml")])
-def test_every_shipped_config_validates_and_runs_fp32(shipped):
+                         [os.path.join(REPO, "config.yml")], ids=os.path.basename)
+def test_every_shipped_config_validates_and_runs_fp32(shipped, tmp_path, fake_mnist, monkeypatch):
+    """Each shipped config, its fast switches as they are, trains two steps on the CPU at a tiny size (--set)
+    and every convolution of its network runs in fp32: bf16 is several times slower on CPUs without native
+    bf16. A compile switch goes through a backend that runs dynamo's graphs as they are."""
+    import torch
+
+    from conftest import CPU, graph_counter
+    from model import CondRefineNetDilated
+
     config = schema.load_config(shipped)
     assert config.fast.bf16 is False, f"{shipped}: bf16 is several times slower on CPUs without native bf16"
+    backend, graphs = graph_counter()
+    compile_norms, compile_module = CondRefineNetDilated.compile_norms, torch.nn.Module.compile
+    monkeypatch.setattr(CondRefineNetDilated, "compile_norms",
+                        lambda self, **options: compile_norms(self, **{**options, "backend": backend}))
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *args, **options: compile_module(self, *args, **{**options, "backend": backend}))
+    dtypes = set()
+
+    def conv_output(module, args, out):
+        if isinstance(module, torch.nn.Conv2d):
+            dtypes.add(out.dtype)
+
+    tiny = ["training.n_iters=2", "training.snapshot_freq=2", "training.test_freq=2", "training.batch_size=8",
+            "training.snapshot_grid=0", "model.ngf=4", "model.num_classes=4", f"data.root={fake_mnist}"]
+    hook = torch.nn.modules.module.register_module_forward_hook(conv_output)
+    try:
+        assert main.main([*CPU, "--config", shipped, "--run", str(tmp_path / "run"), "--doc", "c",
+                          *[w for s in tiny for w in ("--set", s)]]) == 0
+    finally:
+        hook.remove()
+        torch._dynamo.reset()
+    assert torch.load(tmp_path / "run" / "logs" / "c" / "checkpoint.pth", weights_only=True)["step"] == 2
+    assert dtypes == {torch.float32}, f"{shipped}: the convolutions ran in {dtypes}"
+    assert bool(graphs) == (config.fast.compile or config.fast.compile_norms)
 
 
 def repo_modules():

@@ -1,4 +1,5 @@
 """Never lose a run: SIGKILL at random moments (also inside checkpoint writes), SIGTERM/SIGINT, NaN losses."""
+import json
 import os
 import random
 import signal
@@ -11,16 +12,74 @@ import torch
 
 import main
 import runner
-from common import snapshot_step
+from common import numbered_snapshots, snapshot_step
 from conftest import CPU, REPO, tiny_config, write_config
 
 DRIVER = os.path.join(REPO, "tests", "kill_driver.py")
 
 
-def start(cfg_path, run_dir, doc, *extra):
-    return subprocess.Popen([sys.executable, DRIVER, *CPU, "--config", cfg_path, "--run", run_dir, "--doc", doc, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "NCSN_SLOW_SAVE": "0.2"})
+class Child:
+    """One main.py command in a child of the fork server: its pid, its exit status once it has ended."""
+
+    def __init__(self, server, pid, out):
+        self.server, self.pid, self.out, self.returncode = server, pid, out, None
+
+    def poll(self):
+        if self.returncode is None and os.path.exists(self.out + ".exit"):
+            self.wait()
+        return self.returncode
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+    def send_signal(self, sig):
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout=600):
+        """The exit status (negative: killed by that signal), once the child has ended."""
+        if self.returncode is None:
+            t0 = time.time()
+            while not os.path.exists(self.out + ".exit"):
+                assert time.time() - t0 < timeout, f"child {self.pid} still running after {timeout} s"
+                time.sleep(0.01)
+            reply = json.loads(self.server.stdout.readline())
+            assert reply["pid"] == self.pid, reply
+            self.returncode = reply["status"]
+        return self.returncode
+
+    def communicate(self, timeout=600):
+        """Waits for the end; returns its stdout and stderr, interleaved, as Popen.communicate()[0] would."""
+        self.wait(timeout)
+        with open(self.out) as f:
+            return f.read()
+
+
+class ForkServer:
+    """tests/kill_driver.py: main.py commands in child processes, one at a time, with slowed checkpoint writes."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "NCSN_SLOW_SAVE": "0.1"})
+
+    def start(self, out, *argv):
+        """`python main.py --device cpu ARGV` in a child, its output into the file `out`."""
+        self.proc.stdin.write(json.dumps({"argv": [*CPU, *map(str, argv)], "out": str(out)}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "the fork server has ended"
+        return Child(self.proc, json.loads(line)["pid"], str(out))
+
+    def close(self):
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=60) == 0
+
+
+@pytest.fixture(scope="module")
+def children():
+    """One fork server for the module's runs: torch is imported once, not once a run."""
+    server = ForkServer()
+    yield server
+    server.close()
 
 
 def snapshots(log_dir):
@@ -49,56 +108,64 @@ def final_params(log_dir):
     return torch.load(os.path.join(log_dir, "checkpoint.pth"), weights_only=True)
 
 
-def run_with_kills(tmp_path, data, n_kills, seed):
-    n_iters = 30 + 4 * n_kills
+def train_here(cfg_path, run_dir, doc, *extra):
+    """The same command in this process (one torch thread, as the children): for runs nothing interrupts."""
+    assert main.main([*CPU, "--config", cfg_path, "--run", run_dir, "--doc", doc, *extra]) == 0
+
+
+def run_with_kills(children, tmp_path, data, n_kills, seed):
+    """Kill a run n_kills times (SIGKILL) at random moments, each after the process has made progress: inside its
+    first or second checkpoint write, or in its training loop after it has written a snapshot; resume each time.
+    Returns (kills, kills inside a write, resumes, resumes from a snapshot)."""
+    n_iters = 18 + 4 * n_kills  # room for every kill: each lets the run advance by one or two snapshots
     cfg = write_config(tmp_path / "c.yml", tiny_config(data, **{"training.n_iters": n_iters,
                                                                 "training.snapshot_freq": 3,
                                                                 "training.test_freq": 5}))
     run_dir = str(tmp_path / "run")
     # the reference: the same run, never interrupted
-    ref = start(cfg, run_dir, "ref")
-    assert ref.wait(timeout=600) == 0, ref.stdout.read()
+    train_here(cfg, run_dir, "ref")
     reference = final_params(os.path.join(run_dir, "logs", "ref"))
 
     log_dir = os.path.join(run_dir, "logs", "k")
     log_file = os.path.join(log_dir, "stdout.txt")
     rng = random.Random(seed)
-    kills, mid_write, resumes = 0, 0, 0
+    kills, mid_write, resumes, from_snapshot = 0, 0, 0, 0
 
     def own_tmp(pid):  # a checkpoint of this process being written right now
         return os.path.isdir(log_dir) and any(f.endswith(f".tmp.{pid}") for f in os.listdir(log_dir))
 
-    def started():  # how many processes have begun their training loop (a line each in stdout.txt)
-        if not os.path.exists(log_file):
-            return 0
-        with open(log_file) as f:
-            text = f.read()
-        return text.count("training at step") + text.count("resuming at step")
+    def newest():  # the step of the newest whole snapshot (they appear by rename, whole)
+        return max((s for s, _ in numbered_snapshots(log_dir)), default=0) if os.path.isdir(log_dir) else 0
 
     while True:
         before = snapshots(log_dir)
         first = not os.path.isdir(log_dir)
-        n_started = started()
-        proc = start(cfg, run_dir, "k", *([] if first else ["--resume_training"]))
+        proc = children.start(tmp_path / f"child_{kills}_{resumes}.txt", "--config", cfg, "--run", run_dir, "--doc",
+                              "k", *([] if first else ["--resume_training"]))
         if kills < n_kills:
-            if rng.random() < 0.5:  # inside one of this process's checkpoint writes
-                wait_for(lambda: own_tmp(proc.pid), proc)
-                time.sleep(rng.uniform(0, 0.15))
-            else:  # inside the training loop, at a random moment
-                wait_for(lambda: started() > n_started, proc)
-                time.sleep(rng.uniform(0, 1.5))
+            if rng.random() < 0.5:  # inside this process's first or second checkpoint write
+                for k in range(rng.randint(1, 2)):
+                    if k:
+                        wait_for(lambda: not own_tmp(proc.pid), proc)
+                    wait_for(lambda: own_tmp(proc.pid), proc)
+                time.sleep(rng.uniform(0, 0.08))  # within NCSN_SLOW_SAVE's 0.1 s after the bytes
+            else:  # inside the training loop, a random moment after this process's first snapshot
+                start = max(before.values(), default=0)
+                wait_for(lambda: newest() > start, proc)
+                time.sleep(rng.uniform(0, 0.3))
             if proc.poll() is None:
                 writing = own_tmp(proc.pid)
                 proc.kill()
                 kills += 1
                 mid_write += writing
-        out = proc.communicate(timeout=600)[0]
+        out = proc.communicate(timeout=600)
         if not first and ("resuming at step" in out or "starting at step 1" in out):
             # (a) a resume starts right after the newest complete snapshot on disk (or at 1 if none yet)
             expected = max(before.values(), default=0)
             marker = f"resuming at step {expected + 1} " if expected else "starting at step 1"
             assert marker in out, (marker, out)
             resumes += 1
+            from_snapshot += expected > 0
         # (b) whatever the moment of the kill, every checkpoint file on disk is whole
         snapshots(log_dir)
         if proc.returncode == 0:
@@ -109,32 +176,37 @@ def run_with_kills(tmp_path, data, n_kills, seed):
     assert final["step"] == n_iters
     for k, v in reference["model"].items():
         assert torch.equal(v, final["model"][k]), k
-    return kills, mid_write, resumes
+    return kills, mid_write, resumes, from_snapshot
 
 
-def test_sigkill_at_random_moments_quick(tmp_path, fake_mnist):
-    kills, mid_write, resumes = run_with_kills(tmp_path, fake_mnist, n_kills=3, seed=0)
-    assert kills == 3 and resumes >= 3
+def test_sigkill_at_random_moments_quick(children, tmp_path, fake_mnist):
+    kills, mid_write, resumes, from_snapshot = run_with_kills(children, tmp_path, fake_mnist, n_kills=3, seed=0)
+    assert kills == 3 and resumes >= 3 and from_snapshot >= 2  # (only the first process may die before any)
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_full(tmp_path, fake_mnist):
-    kills, mid_write, resumes = run_with_kills(tmp_path, fake_mnist, n_kills=12, seed=1)
-    print(f"survived {kills} kills ({mid_write} inside a checkpoint write), {resumes} resumes")
-    assert kills >= 10 and mid_write >= 3 and resumes >= kills
+def test_sigkill_at_random_moments_full(children, tmp_path, fake_mnist):
+    kills, mid_write, resumes, from_snapshot = run_with_kills(children, tmp_path, fake_mnist, n_kills=12, seed=1)
+    print(f"survived {kills} kills ({mid_write} inside a checkpoint write), {resumes} resumes ({from_snapshot} "
+          f"from a snapshot)")
+    assert kills >= 10 and mid_write >= 3 and resumes >= kills and from_snapshot >= kills - 1
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_sigint_write_a_checkpoint_and_resume_continues(tmp_path, fake_mnist, sig):
+def test_sigterm_and_sigint_write_a_checkpoint_and_resume_continues(children, tmp_path, fake_mnist, capsys, sig):
     cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 400,
                                                                        "training.snapshot_freq": 1000}))
     run_dir = str(tmp_path / "run")
     log_dir = os.path.join(run_dir, "logs", "s")
-    proc = start(cfg, run_dir, "s")
-    wait_for(lambda: os.path.exists(os.path.join(log_dir, "stdout.txt")), proc)
-    time.sleep(1.0)
+    proc = children.start(tmp_path / "child.txt", "--config", cfg, "--run", run_dir, "--doc", "s")
+
+    def training():  # the handlers are in place from the run folder on, before this line
+        path = os.path.join(log_dir, "stdout.txt")
+        return os.path.exists(path) and "training at step 1 " in open(path).read()
+
+    wait_for(training, proc)
     proc.send_signal(sig)
-    out = proc.communicate(timeout=120)[0]
+    out = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, out
     step = torch.load(os.path.join(log_dir, "checkpoint.pth"), weights_only=True)["step"]
     assert 0 < step < 400
@@ -143,12 +215,12 @@ def test_sigterm_and_sigint_write_a_checkpoint_and_resume_continues(tmp_path, fa
     # resuming continues at the next step and ends where an unbroken run ends
     short = write_config(tmp_path / "c2.yml", tiny_config(fake_mnist, **{"training.n_iters": step + 3,
                                                                          "training.snapshot_freq": 1000}))
-    res = start(short, run_dir, "s", "--resume_training")
-    out = res.communicate(timeout=120)[0]
-    assert res.returncode == 0 and f"resuming at step {step + 1} " in out, out
-    ref = start(short, run_dir, "ref")
-    assert ref.wait(timeout=120) == 0
+    capsys.readouterr()
+    train_here(short, run_dir, "s", "--resume_training")
+    assert f"resuming at step {step + 1} " in capsys.readouterr().err
+    train_here(short, run_dir, "ref")
     a, b = final_params(log_dir), final_params(os.path.join(run_dir, "logs", "ref"))
+    assert a["step"] == b["step"] == step + 3
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 

@@ -203,8 +203,13 @@ def test_digit_all_draws_one_row_per_digit(tmp_path, capsys, tiny_run):
 
 
 def test_digit_alone_samples_with_the_default_guidance_scale(tmp_path, capsys, tiny_run):
-    """--sample --digit 3 without --guidance_scale: the config's sampling.guidance_scale (schema default 10)."""
+    """--sample --digit 3 without --guidance_scale: the config's sampling.guidance_scale (schema default 10), and
+    the guidance steers the chain: the same seed without --digit draws other samples."""
     code, err = run(capsys, "--run", tiny_run / "run", "--doc", "r", "--sample", "--digit", "3", "-o", tmp_path / "o")
     assert code == 0, err
     assert "guidance: digit 3, scale w = 10" in err
-    assert torch.load(tmp_path / "o" / "samples.pt", weights_only=True).shape == (4, 1, 28, 28)
+    guided = torch.load(tmp_path / "o" / "samples.pt", weights_only=True)
+    assert guided.shape == (4, 1, 28, 28)
+    code, err = run(capsys, "--run", tiny_run / "run", "--doc", "r", "--sample", "-o", tmp_path / "plain")
+    assert code == 0, err
+    assert not torch.equal(torch.load(tmp_path / "plain" / "samples.pt", weights_only=True), guided)

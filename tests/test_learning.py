@@ -11,7 +11,7 @@ import runner
 from common import Run, read_scalars
 from conftest import CPU, tiny_config, write_config, write_idx
 
-N_ITERS = 150
+N_ITERS = 100  # enough for clear margins: loss 426 -> 144, cosines 0.86 and 0.78 (150 steps: 106, 0.90, 0.85)
 
 
 def write_two_patterns(root):
@@ -54,7 +54,7 @@ def test_tiny_network_learns_the_score_of_two_patterns(tmp_path):
     assert sorted(loss) == list(range(1, N_ITERS + 1))
     first = np.mean([loss[k] for k in range(1, 21)])
     last = np.mean([loss[k] for k in range(N_ITERS - 19, N_ITERS + 1)])
-    # about 426 -> 104 here; a network that cannot see its input stays near 392 (= 784 / 2, the loss of s = 0)
+    # about 426 -> 144 here; a network that cannot see its input stays near 392 (= 784 / 2, the loss of s = 0)
     assert last < first / 2, f"the loss fell from {first:.1f} (first 20 steps) to {last:.1f} (last 20) only"
 
     device = torch.device("cpu")

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import graph_counter
 from model import CondInstanceNormPlus, CondRefineNetDilated, fast_elu_fn
 
 
@@ -43,8 +44,27 @@ def reference_cin_plus(x, y, embed, eps=1e-5):
     return gamma[..., None, None] * h + beta[..., None, None]
 
 
+def forbid(monkeypatch, module, name, when=lambda *args, **kwargs: True):
+    """module.name raises when called (with arguments for which `when` holds): a test that sets a fast switch
+    shows that the slow kernel it replaces is not what ran."""
+    real = getattr(module, name)
+
+    def forbidden(*args, **kwargs):
+        if when(*args, **kwargs):
+            raise AssertionError(f"{name} ran: the fast path was not taken")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, forbidden)
+
+
+def is_5x5(x, kernel_size, *args, **kwargs):  # CRP's pooling; ConvMeanPool's 2x2 mean stays avg_pool2d
+    return kernel_size == 5
+
+
 @pytest.mark.parametrize("fast", [False, True])
-def test_cin_plus_equals_its_definition(fast):
+def test_cin_plus_equals_its_definition(fast, monkeypatch):
+    if fast:  # the statistics come from E[x] and E[x^2], not var_mean
+        forbid(monkeypatch, torch, "var_mean")
     torch.manual_seed(0)
     norm = CondInstanceNormPlus(16, num_classes=4)
     norm.fast = fast
@@ -76,23 +96,29 @@ def test_fast_elu_equals_elu_with_its_gradient():
     torch.testing.assert_close(a, b)
 
 
-def test_crp_fast_pooling_is_the_5x5_average_pool():
+def test_crp_fast_pooling_is_the_5x5_average_pool(monkeypatch):
     from model import CondCRP
     crp = CondCRP(6, num_classes=3, act=F.elu)
     x = torch.randn(2, 6, 9, 9)
     crp.fast = True
-    fast = crp.pool(x)
-    crp.fast = False
+    with monkeypatch.context() as m:
+        forbid(m, F, "avg_pool2d", is_5x5)
+        fast = crp.pool(x)
     torch.testing.assert_close(fast, F.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=True))
 
 
-def test_network_with_fast_kernels_equals_the_plain_one():
+def test_network_with_fast_kernels_equals_the_plain_one(monkeypatch):
     torch.manual_seed(0)
     plain = CondRefineNetDilated(ngf=8, num_classes=4, fast_kernels=False)
     fast = CondRefineNetDilated(ngf=8, num_classes=4, fast_kernels=True)
     fast.load_state_dict(plain.state_dict())
     x, y = torch.rand(2, 1, 28, 28), torch.tensor([0, 3])
-    torch.testing.assert_close(fast(x, y), plain(x, y), rtol=1e-4, atol=1e-5)
+    expected = plain(x, y)
+    # the fast network runs none of the three kernels it replaces: ELU, var_mean, the 5x5 avg_pool2d
+    forbid(monkeypatch, F, "elu")
+    forbid(monkeypatch, torch, "var_mean")
+    forbid(monkeypatch, F, "avg_pool2d", is_5x5)
+    torch.testing.assert_close(fast(x, y), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("fast_kernels", [True, False], ids=["fast-kernels", "plain-kernels"])
@@ -111,23 +137,34 @@ def test_bf16_autocast_output_is_close_to_fp32(fast_kernels):
     x = torch.zeros(8, 1, 28, 28)  # MNIST-like: a flat black background and a bright stroke, then the noise
     x[:, :, 6:22, 12:16] = 0.9
     x = x + sigmas[y].view(-1, 1, 1, 1) * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    # the dtypes of the inner convolutions' outputs under autocast: bf16, or autocast did nothing (the first
+    # and the last convolution stay fp32 on purpose: the input and the score)
+    inner = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m not in (net.begin_conv, net.end_conv)]
+    dtypes = set()
+    hooks = [m.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype)) for m in inner]
     with torch.no_grad():
-        ref = net(x, y)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = net(x, y)
+        for h in hooks:
+            h.remove()
+        ref = net(x, y)
+    assert dtypes == {torch.bfloat16}, f"the inner convolutions ran in {dtypes} under bf16 autocast"
     assert low.dtype == torch.float32
     err = ((low - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).max().item()
-    assert err < 0.05, f"bf16 differs from fp32 by {err:.3%} of the output norm"
+    # and the output did go through bf16: a few % of drift, not the 0 of an fp32 forward
+    assert 0.002 < err < 0.05, f"bf16 differs from fp32 by {err:.3%} of the output norm"
 
 
-def test_crp_fast_pooling_is_unbiased_under_bf16():
+def test_crp_fast_pooling_is_unbiased_under_bf16(monkeypatch):
     from model import CondCRP
     crp = CondCRP(6, num_classes=3, act=F.elu)
     crp.fast = True
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 6, 32, 32, generator=g) + 0.5  # positive: a bias in the weights cannot average out
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with monkeypatch.context() as m, torch.autocast("cpu", dtype=torch.bfloat16):
+        forbid(m, F, "avg_pool2d", is_5x5)  # (which autocast would run in fp32, unbiased whatever happens)
         fast = crp.pool(x)
+    assert fast.dtype == torch.bfloat16  # pooled in bf16, where a 1/25 kernel would be biased
     ref = F.avg_pool2d(x.float(), 5, stride=1, padding=2)
     ratio = (fast.float() / ref).mean().item()
     # bf16 rounds each output by up to 2^-9 relative, with no preferred sign: the mean over 24,576 outputs
@@ -153,16 +190,6 @@ def test_cin_plus_elu_is_cin_plus_then_elu_with_its_gradients():
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
         for a, b in zip(torch.autograd.grad(ours, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
-
-
-def graph_counter():
-    """A torch.compile backend that runs the captured graphs as they are and counts them (no inductor)."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-    return backend, graphs
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
@@ -199,12 +226,17 @@ def test_compile_norms_keeps_the_function_and_the_state_dict(channels_last):
         torch._dynamo.reset()
 
 
-def test_cin_plus_elu_under_inductor_equals_eager():
-    """The inductor kernels of cin_plus_elu (forward and backward, a tiny shape) compute the eager function."""
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_cin_plus_elu_under_inductor_equals_eager(channels_last):
+    """The inductor kernels of cin_plus_elu (forward and backward, a tiny shape) compute the eager function, in
+    both layouts (configs/quick.yml compiles it channels-last; its own test there uses dynamo's eager backend)."""
     from model import cin_plus_elu
     torch.manual_seed(0)
     w = torch.randn(3, 12, requires_grad=True)
-    x = (torch.randn(2, 4, 5, 5) * 2 + 1).requires_grad_()
+    x = torch.randn(2, 4, 5, 5) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     y = torch.tensor([2, 0])
     try:
         compiled = torch.compile(cin_plus_elu, dynamic=False)

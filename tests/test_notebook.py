@@ -5,13 +5,11 @@ module never fails: `pytest -m cuda` on a GPU machine without them imports every
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 import main
-from conftest import CPU, REPO, tiny_config, write_config, write_fake_mnist
+from conftest import CPU, REPO, TINY_DOC, copy_tiny_run
 
 NOTEBOOK = os.path.join(REPO, "report.ipynb")
 
@@ -49,14 +47,13 @@ def outputs(nb, kind):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A 6-step run on fake MNIST with a test loss every 2 steps, and its samples."""
-    notebook_modules()  # skip before training where the notebook cannot run
+def nb_run(tmp_path_factory, tiny_run):
+    """A copy of the session's tiny run (6 steps on fake MNIST, a test loss every 2 steps), and its samples."""
+    notebook_modules()  # skip before sampling where the notebook cannot run
     tmp = tmp_path_factory.mktemp("nbrun")
-    cfg = tiny_config(write_fake_mnist(str(tmp / "data")), **{"training.n_iters": 6, "training.test_freq": 2})
     run, images = tmp / "run", tmp / "images"
-    assert main.main([*CPU, "--config", write_config(tmp / "c.yml", cfg), "--run", str(run), "--doc", "t"]) == 0
-    assert main.main([*CPU, "--run", str(run), "--doc", "t", "--sample", "-o", str(images)]) == 0
+    copy_tiny_run(tiny_run, run)
+    assert main.main([*CPU, "--run", str(run), "--doc", TINY_DOC, "--sample", "-o", str(images)]) == 0
     return run, images
 
 
@@ -69,24 +66,26 @@ def test_committed_notebook_has_no_outputs():
     assert not stale, f"code cells {stale} of report.ipynb hold outputs: clear them before committing"
 
 
-def test_notebook_runs_on_a_tiny_run(tiny_run):
-    run, images = tiny_run
-    nb = execute(read_notebook(), run, "t", images)
+@pytest.mark.slow  # a Jupyter kernel of its own: it starts and imports torch
+def test_notebook_runs_on_a_tiny_run(nb_run):
+    run, images = nb_run
+    nb = execute(read_notebook(), run, TINY_DOC, images)
     pngs = outputs(nb, "image/png")
     # the loss curves, the sample grid and the trajectory strip; this run has no per-level loss or metrics
     assert len(pngs) >= 3, f"expected at least 3 plots, got {len(pngs)}"
     assert all(len(p) > 1000 for p in pngs), "an image output is suspiciously small"
     text = "".join(outputs(nb, "stream"))
-    assert os.path.join(str(run), "logs", "t") in text  # it looked at the run it was given
+    assert os.path.join(str(run), "logs", TINY_DOC) in text  # it looked at the run it was given
     assert "loss: 6 values" in text and "test_loss: 3 values" in text
     assert "frames shown" in text
     assert "no per-level test loss" in text and "no quality metrics" in text
 
 
-def test_notebook_plots_per_level_loss_and_metrics(tiny_run):
+@pytest.mark.slow  # a Jupyter kernel of its own: it starts and imports torch
+def test_notebook_plots_per_level_loss_and_metrics(nb_run):
     """The same run copied under another doc, with per-level test losses and metrics added: 5 plots."""
-    run, images = tiny_run
-    shutil.copytree(run / "logs" / "t", run / "logs" / "rich")
+    run, images = nb_run
+    shutil.copytree(run / "logs" / TINY_DOC, run / "logs" / "rich")
     from tensorboardX import SummaryWriter
 
     with SummaryWriter(str(run / "tensorboard" / "rich")) as writer:
@@ -104,15 +103,18 @@ def test_notebook_plots_per_level_loss_and_metrics(tiny_run):
     assert "test_loss/level_3: 3 values" in text and "metrics/fid: 3 values" in text
 
 
+@pytest.mark.slow  # a Jupyter kernel of its own: it starts and imports torch
 def test_notebook_stops_on_a_missing_run(tmp_path):
     nbclient = notebook_modules()[0]
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="no run at"):
         execute(read_notebook(), tmp_path / "nowhere", "t", tmp_path / "images")
 
 
-def test_notebook_runs_with_its_own_defaults_after_the_readme_quick_commands(fake_mnist):
-    """The README's two quick commands (at a tiny size, through --set) in a fresh folder, then Run All with the
-    notebook's parameters as committed: RUN = "run", DOC = "quick", the run's own samples folder."""
+@pytest.mark.slow  # a Jupyter kernel of its own: it starts and imports torch
+def test_notebook_runs_with_its_own_defaults_after_the_readme_quick_commands(fake_mnist, monkeypatch):
+    """The README's two quick commands (at a tiny size, through --set; main.main in this process) in a fresh
+    folder, then Run All with the notebook's parameters as committed: RUN = "run", DOC = "quick", the run's own
+    samples folder."""
     work = os.path.join(REPO, "run", f"notebook_test_{os.getpid()}")  # inside the repository (run/ is ignored),
     os.makedirs(work)                                                  # so the notebook finds its code above it
     try:
@@ -120,11 +122,11 @@ def test_notebook_runs_with_its_own_defaults_after_the_readme_quick_commands(fak
                 "model.num_classes=4", "sampling.n_steps_each=2", "sampling.n_samples=4", "sampling.batch_size=4",
                 "sampling.n_frames=4", "training.batch_size=8", "fast.compile_norms=false", f"data.root={fake_mnist}"]
         sets = [w for s in tiny for w in ("--set", s)]
+        monkeypatch.chdir(work)
         for argv in (["--config", os.path.join(REPO, "configs", "quick.yml"), "--doc", "quick", *sets],
                      ["--doc", "quick", "--sample"]):
-            p = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *CPU, *argv], cwd=work,
-                               capture_output=True, text=True, timeout=300)
-            assert p.returncode == 0, p.stderr
+            assert main.main([*CPU, *argv]) == 0, argv
+        monkeypatch.undo()
         nb = read_notebook()
         nbclient = notebook_modules()[0]
         client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": work}})

@@ -8,8 +8,8 @@ import yaml
 from PIL import Image
 
 import main
-from conftest import (CPU, event_files, run_main, scalars_of_new_event_files, snapshot_tree, tiny_config,
-                      write_config)
+from conftest import (CPU, TINY_DOC, copy_tiny_run, event_files, scalars_of_new_event_files, snapshot_tree,
+                      tiny_config, write_config)
 from common import read_scalars
 from schema import config_from_dict, config_to_dict
 
@@ -23,10 +23,10 @@ def ckpt(tmp_path, doc, name="checkpoint.pth"):
     return torch.load(tmp_path / "run" / "logs" / doc / name, weights_only=True)
 
 
-def test_training_run_writes_checkpoints_config_log_and_tensorboard(tmp_path, fake_mnist):
+def test_training_run_writes_checkpoints_config_log_and_tensorboard(tmp_path, fake_mnist, monkeypatch):
     cfg = tiny_config(fake_mnist, **{"training.n_iters": 6, "training.snapshot_freq": 3})
-    p = run_main("--config", write_config(tmp_path / "c.yml", cfg), "--doc", "t", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
+    monkeypatch.chdir(tmp_path)  # the default --run: run/ in the working folder
+    assert main.main([*CPU, "--config", write_config(tmp_path / "c.yml", cfg), "--doc", "t"]) == 0
     logs = tmp_path / "run" / "logs" / "t"
     assert sorted(os.listdir(logs)) == ["checkpoint.pth", "checkpoint_3.pth", "checkpoint_6.pth", "config.yml",
                                         "stdout.txt"]
@@ -94,13 +94,16 @@ def test_fresh_run_into_an_existing_folder_is_refused_and_changes_nothing(tmp_pa
     assert snapshot_tree(tmp_path / "run") == before
 
 
-def test_occupied_run_folder_message_on_the_command_line(tmp_path, fake_mnist):
-    cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 2}))
-    assert run_main("--config", cfg, "--doc", "o", cwd=tmp_path).returncode == 0
+def test_occupied_run_folder_message_on_the_command_line(tmp_path, tiny_run, monkeypatch, capsys):
+    """The message names the folder as the user wrote it (relative to where main.py runs)."""
+    data = copy_tiny_run(tiny_run, tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
     before = snapshot_tree(tmp_path / "run")
-    p = run_main("--config", cfg, "--doc", "o", cwd=tmp_path)
-    assert p.returncode != 0
-    assert "run folder run/logs/o already exists: pick another --doc, or pass --resume_training" in p.stderr
+    capsys.readouterr()
+    cfg = write_config(tmp_path / "c.yml", tiny_config(data, **{"training.n_iters": 2}))
+    assert main.main([*CPU, "--config", cfg, "--doc", TINY_DOC]) != 0
+    assert f"run folder run/logs/{TINY_DOC} already exists: pick another --doc, or pass --resume_training" in \
+        capsys.readouterr().err
     assert snapshot_tree(tmp_path / "run") == before
 
 
@@ -135,13 +138,18 @@ def test_sample_or_resume_without_a_checkpoint(tmp_path, fake_mnist, capsys):
     assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()
 
 
-def test_missing_mnist_offline_names_the_folder_and_files(tmp_path):
+def test_missing_mnist_offline_names_the_folder_and_files(tmp_path, monkeypatch, capsys):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):  # no network for the download attempt, whatever this machine has
+        raise urllib.error.URLError("no network in the tests")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     cfg = write_config(tmp_path / "c.yml", tiny_config(tmp_path / "nodata"))
-    # no network here: make sure of it for the download attempt by pointing the proxy nowhere
-    p = run_main("--config", cfg, "--doc", "m", cwd=tmp_path, timeout=600,
-                 env={"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"})
-    assert p.returncode == 1
-    msg = [line for line in p.stderr.splitlines() if line.startswith("ERROR")]
+    capsys.readouterr()
+    assert main.main([*CPU, "--config", cfg, "--run", str(tmp_path / "run"), "--doc", "m"]) == 1
+    msg = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ERROR")]
     assert len(msg) == 1 and str(tmp_path / "nodata" / "MNIST" / "raw") in msg[0]
     assert "train-images-idx3-ubyte" in msg[0] and "t10k-labels-idx1-ubyte" in msg[0]
     assert not (tmp_path / "run").exists()

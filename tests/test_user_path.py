@@ -4,8 +4,6 @@ import os
 import re
 import shlex
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -13,7 +11,7 @@ import torch
 import yaml
 
 import main
-from conftest import CPU, REPO, run_main, snapshot_tree, tiny_config, write_config
+from conftest import CPU, REPO, TINY_DOC, copy_tiny_run, run_main, snapshot_tree, tiny_config, write_config
 
 TINY_SETS = ["training.batch_size=8", "training.snapshot_freq=2", "training.test_freq=2", "training.log_freq=1",
              "training.snapshot_grid=0", "model.ngf=4", "model.num_classes=4", "sampling.n_steps_each=2",
@@ -36,29 +34,37 @@ def one_error_line(stderr):
 
 
 @pytest.mark.parametrize("shipped", ["config.yml", "configs/quick.yml", "configs/ncsnv2.yml"])
-def test_the_printed_resume_command_continues_a_stopped_run(tmp_path, fake_mnist, shipped):
+def test_the_printed_resume_command_continues_a_stopped_run(tmp_path, fake_mnist, shipped, monkeypatch, capsys):
     """Ctrl-C (SIGINT) stops training with a checkpoint and a command; that command, pasted as printed (run
-    from the repository), continues the run with its own config to the end."""
+    from the repository), continues the run with its own config to the end. In this process: the SIGINT comes
+    from the first numbered snapshot's write, through the real handler (a real process's exit status under
+    SIGINT and SIGTERM: tests/test_faults.py)."""
+    import runner
     run = str(tmp_path / "run")
-    cmd = [sys.executable, os.path.join(REPO, "main.py"), *CPU, "--config", os.path.join(REPO, shipped), "--run",
-           run, "--doc", "q", *sets(*TINY_SETS, "training.n_iters=40", f"data.root={fake_mnist}")]
-    p = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    first = os.path.join(run, "logs", "q", "checkpoint_2.pth")
-    deadline = time.time() + 120
-    while not os.path.exists(first) and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 128 + signal.SIGINT, err
+    argv = [*CPU, "--config", os.path.join(REPO, shipped), "--run", run, "--doc", "q",
+            *sets(*TINY_SETS, "training.n_iters=6", f"data.root={fake_mnist}")]
+    save = runner.save_checkpoint
+
+    def save_then_ctrl_c(run_, ckpt, numbered, **kwargs):
+        save(run_, ckpt, numbered=numbered, **kwargs)
+        if numbered:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_ctrl_c)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main.main(argv) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
     printed = re.search(r"continue with: (.*)$", err, re.M).group(1)
     words = shlex.split(printed)
     assert words[:2] == ["python", "main.py"], printed
     stopped = ckpt_of(run, "q")["step"]
-    assert 2 <= stopped < 40
-    q = subprocess.run([sys.executable, *words[1:]], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert q.returncode == 0, q.stderr
-    assert f"resuming at step {stopped + 1} of 40" in q.stderr
-    assert ckpt_of(run, "q")["step"] == 40
+    assert stopped == 3  # the step after that snapshot's: training stops after the step it is in
+    monkeypatch.setattr(runner, "save_checkpoint", save)
+    monkeypatch.chdir(REPO)
+    assert main.main(words[2:]) == 0
+    assert "resuming at step 4 of 6" in capsys.readouterr().err
+    assert ckpt_of(run, "q")["step"] == 6
 
 
 def test_set_continues_a_finished_run_and_a_bad_set_is_one_line(tmp_path, fake_mnist, capsys):
@@ -102,15 +108,14 @@ def test_ckpt_samples_a_snapshot_and_a_missing_one_lists_the_snapshots(tmp_path,
     assert not os.path.exists(tmp_path / "x")
 
 
-def test_sample_without_o_writes_into_the_run_not_the_repository(tmp_path, fake_mnist):
+def test_sample_without_o_writes_into_the_run_not_the_repository(tmp_path, tiny_run, monkeypatch):
     images = os.path.join(REPO, "images")
     before = snapshot_tree(images)
-    cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 2}))
-    assert run_main("--config", cfg, "--doc", "r", cwd=tmp_path).returncode == 0
-    p = run_main("--run", str(tmp_path / "run"), "--doc", "r", "--sample", cwd=REPO)
-    assert p.returncode == 0, p.stderr
-    assert sorted(os.listdir(tmp_path / "run" / "logs" / "r" / "samples")) == ["movie.gif", "samples.png",
-                                                                                  "samples.pt"]
+    copy_tiny_run(tiny_run, tmp_path / "run")
+    monkeypatch.chdir(REPO)  # run from the repository, as the README's commands are
+    assert main.main([*CPU, "--run", str(tmp_path / "run"), "--doc", TINY_DOC, "--sample"]) == 0
+    assert sorted(os.listdir(tmp_path / "run" / "logs" / TINY_DOC / "samples")) == ["movie.gif", "samples.png",
+                                                                                     "samples.pt"]
     assert snapshot_tree(images) == before
 
 

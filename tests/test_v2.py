@@ -129,8 +129,17 @@ def test_inpaint_and_noise_design_commands(tmp_path, fake_mnist, capsys):
     run = ["--run", str(tmp_path / "run")]
     assert main.main([*CPU, "--config", cfg, *run, "--doc", "i"]) == 0
     assert main.main([*CPU, *run, "--doc", "i", "--inpaint", "square", "-o", str(tmp_path / "o")]) == 0
+    import numpy as np
     from PIL import Image
-    assert Image.open(tmp_path / "o" / "inpaint_square.png").size == (4 * 30 + 2, 3 * 30 + 2)  # 4 digits, 3 rows
+    png = Image.open(tmp_path / "o" / "inpaint_square.png")
+    assert png.size == (4 * 30 + 2, 3 * 30 + 2)  # 4 digits, 3 rows: originals, what the sampler sees, completions
+    grid = np.asarray(png.convert("L")).astype(int)
+    known = np.ones((28, 28), bool)
+    known[7:21, 7:21] = False  # the square mask hides the centre
+    for k in range(4):
+        cell = lambda row: grid[2 + 30 * row:30 + 30 * row, 2 + 30 * k:30 + 30 * k]  # noqa: E731
+        assert (cell(2)[known] == cell(0)[known]).all(), f"digit {k}: the completion changed known pixels"
+        assert (cell(1)[~known] == 128).all()  # the hidden square, grey, as the sampler sees it
     capsys.readouterr()
     assert main.main([*CPU, "--config", cfg, *run, "--noise_design"]) == 0
     out = capsys.readouterr().out
