@@ -41,6 +41,7 @@ for argv in {commands!r}:
 """
 
 
+@pytest.mark.slow  # a fresh interpreter: the compiler's absence must be the first thing inductor sees
 def test_without_a_cxx_compiler_the_quick_recipe_trains_resumes_and_samples_eagerly(tmp_path, fake_mnist):
     run = ["--run", str(tmp_path / "run"), "--doc", "q"]
     tiny = sets(*QUICK_TINY, f"data.root={fake_mnist}")

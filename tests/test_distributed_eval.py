@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import main
 from conftest import CPU, REPO, tiny_config, write_config
 
@@ -12,6 +14,7 @@ DRIVER = os.path.join(REPO, "tests", "classifier_driver.py")
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
+@pytest.mark.slow  # torchrun
 def test_eval_on_two_ranks_trains_the_classifier_once(tmp_path, fake_mnist):
     cfg = tiny_config(fake_mnist, **{"training.n_iters": 2, "eval.n_samples_cpu": 6, "eval.loss_images_cpu": 8})
     run = ["--run", str(tmp_path / "run"), "--doc", "e"]

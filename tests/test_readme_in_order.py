@@ -50,6 +50,7 @@ def tiny(words, data):
     return out
 
 
+@pytest.mark.slow  # torchrun, and every command of the README
 def test_every_readme_command_runs_in_order(tmp_path, fake_mnist, monkeypatch, capsys):
     lines = readme_lines()
     assert len(lines) >= 15 and lines[0][-4:] == ["--config", "config.yml", "--doc", "mnist"]
