@@ -348,14 +348,13 @@ def restore(ckpt, model, ema, optimizer, generator, config, path):
 
     The optimizer's moments go to their parameters' device; its `step` counters stay on the CPU, where torch keeps
     them for its default Adam (on the device every step would sync on them), and go to the device only for fused
-    Adam, which needs them there. Fused Adam is this run's choice, as runner.make_optimizer makes it: fast.fused_adam
-    and devices.fused_adam_ok, not the checkpoint's."""
+    Adam, which needs them there. Fused Adam is this run's choice (devices.use_fused_adam), not the checkpoint's."""
     load_model_state(model, ckpt["model"], path)
     if ema is not None:
         load_model_state(ema, ckpt["ema"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     device = next(model.parameters()).device
-    fused = True if config.fast.fused_adam and devices.fused_adam_ok(device) else None
+    fused = devices.use_fused_adam(config, device)
     for group in optimizer.param_groups:
         group["fused"] = fused
         for p in group["params"]:

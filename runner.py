@@ -317,8 +317,7 @@ def make_score_fn(model, config, device, sigmas):
 def make_optimizer(config, model):
     return torch.optim.Adam(model.parameters(), lr=config.optim.lr, betas=(config.optim.beta1, 0.999),
                             weight_decay=config.optim.weight_decay, amsgrad=config.optim.amsgrad,
-                            fused=True if config.fast.fused_adam and devices.fused_adam_ok(
-                                next(model.parameters()).device) else None)
+                            fused=devices.use_fused_adam(config, next(model.parameters()).device))
 
 
 # ----------------------------------------------------------------------------------------------------------
