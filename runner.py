@@ -23,7 +23,8 @@ from checkpoint import (check_resumable, checkpoint_config, latest_checkpoint, l
                         make_checkpoint, restore, save_checkpoint)
 from common import (NCSNError, Interrupted, Run, atomic_save_image, atomic_torch_save, atomic_write_bytes,
                     chosen_checkpoint, derive_seed, numbered_snapshots, output_paths)
-from data import MNIST_MEAN, batch_noise, data_space, dequantize, epoch_permutation, load_mnist, logit_transform
+from data import (MNIST_MEAN, batch_noise, data_space, dequantize, dsm_noise, epoch_permutation, load_mnist,
+                  logit_transform)
 from model import CondRefineNetDilated
 from progress import EarlyLog, Progress, duration
 from schema import ConfigError, config_to_dict
@@ -51,16 +52,13 @@ def config_sigmas(config):
 def dsm_loss(score_fn, x, sigmas, generator=None, labels=None, anneal_power=2.0, z=None):
     """Denoising score matching loss per sample, eq. (5) and (6) of the paper.
 
-    For each sample a level i ~ U{0..L-1} (unless `labels` is given) and z ~ N(0, I):
+    For each sample a level i ~ U{0..L-1} and z ~ N(0, I), drawn by data.dsm_noise unless given:
         x~ = x + sigma_i z,    l_i = 1/2 ||s(x~, i) + z / sigma_i||^2 * sigma_i ** anneal_power
     (the target -(x~ - x) / sigma_i^2 is -z / sigma_i). Returns (loss (B,), labels (B,)); the training
     objective is loss.mean(). Randomness comes only from `generator` (or the labels and z given).
     """
-    if labels is None:
-        labels = torch.randint(len(sigmas), (x.shape[0],), generator=generator, device=x.device)  # (B,)
+    labels, z = dsm_noise(generator, x.shape, len(sigmas), x.device, labels, z, dtype=x.dtype)  # (B,), like x
     sigma = sigmas.to(x.device)[labels].view(-1, *([1] * (x.dim() - 1)))  # (B, 1, 1, 1)
-    if z is None:
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # (B, 1, 28, 28)
     x_tilde = x + sigma * z
     score = score_fn(x_tilde, labels).float()  # (B, 1, 28, 28)
     loss = 0.5 * ((score + z / sigma) ** 2).flatten(1).sum(1) * sigma.flatten() ** anneal_power  # (B,)
