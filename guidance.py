@@ -26,7 +26,6 @@ main.py makes here), and only its command line (`main` below) imports runner.py.
 """
 import argparse
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -38,7 +37,8 @@ import torch.nn.functional as F
 
 from common import NCSNError
 from data import MNIST_FILES, data_space, dequantize, load_mnist, load_mnist_labels
-from metrics import FALLBACK_CACHE, cache_places, fit_classifier, random_shift, write_cache
+from metrics import (FALLBACK_CACHE, cache_places, code_fingerprint, fit_classifier, random_shift, read_cache,
+                     write_cache)
 
 log = logging.getLogger("ncsn")
 
@@ -177,11 +177,9 @@ def _levels(sigmas, logit_transform):
 
 
 def guidance_fingerprint(sigmas, logit_transform):
-    """sha256 of the code and settings that make the classifier, and of the levels it is trained at."""
-    parts = [inspect.getsource(f) for f in _MAKERS]
-    parts.append(json.dumps({"format": CACHE_FORMAT, **TRAIN_SETTINGS, **_levels(sigmas, logit_transform)},
-                            sort_keys=True))
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    """The fingerprint (metrics.code_fingerprint) of the code and settings that make the classifier, and of the
+    levels it is trained at."""
+    return code_fingerprint(_MAKERS, {"format": CACHE_FORMAT, **TRAIN_SETTINGS, **_levels(sigmas, logit_transform)})
 
 
 def cache_name(sigmas, logit_transform):
@@ -192,15 +190,8 @@ def cache_name(sigmas, logit_transform):
 
 def _load_cached(path, fingerprint, device):
     """The classifier in `path`, or None when another code, setting or set of levels made it (retrain)."""
-    try:
-        cache = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file raises one of several types
-        raise NCSNError(f"guidance classifier cache {path} is truncated or not a cache of this code "
-                        f"({type(e).__name__}); delete it to train the classifier again") from e
-    if not isinstance(cache, dict) or cache.get("format") != CACHE_FORMAT or \
-            not {"model", "fingerprint", "sigmas", "test_accuracy_per_level"} <= set(cache):
-        raise NCSNError(f"guidance classifier cache {path} is not a cache of this code (format {CACHE_FORMAT}); "
-                        f"delete it to train the classifier again")
+    cache = read_cache(path, ("model", "fingerprint", "sigmas", "test_accuracy_per_level"), "guidance classifier",
+                       CACHE_FORMAT)
     if cache["fingerprint"] != fingerprint:
         log.info("guidance classifier cache %s was made by other code, settings or noise levels: training it "
                  "again", path)
