@@ -160,7 +160,7 @@ def our_config(theirs, channels, ngf, n_levels, source):
 def map_adam_state(their_optim, their_names, model, config):
     """Our Adam optimizer over `model`, holding their Adam state re-indexed to our parameter order (Adam keys its
     state by position)."""
-    from runner import make_optimizer
+    from build import make_optimizer
 
     index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
     state = {index[our_name(their_names[i])]: s for i, s in their_optim.get("state", {}).items()}
@@ -176,7 +176,7 @@ def import_authors(args):
     """--import_authors PATH --doc NAME: write run/logs/NAME (checkpoint.pth, config.yml) from their run; nothing
     is written unless every check passes."""
     from checkpoint import make_checkpoint
-    from runner import make_model
+    from build import make_model
     from schema import ConfigError, config_from_dict, config_to_dict
 
     run = Run(args.run, args.doc)

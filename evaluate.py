@@ -14,7 +14,8 @@ import metrics
 from common import Run, atomic_save_image, atomic_write_bytes, chosen_checkpoint, derive_seed
 from progress import Progress
 from data import data_space, dequantize, load_mnist
-from runner import draw_samples, dsm_loss, make_score_fn, read_trained, sampling_generator, trained_network
+from build import make_score_fn
+from runner import draw_samples, dsm_loss, read_trained, sampling_generator, trained_network
 
 log = logging.getLogger("ncsn")
 LOSS_BATCH = 500  # test images per forward pass of the per-level loss

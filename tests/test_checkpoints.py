@@ -265,8 +265,8 @@ def test_verify_lists_every_snapshot_and_names_the_newest_intact(runs, tmp_path,
 # Where the restored state lives: a "meta" device stands in for a GPU (its tensors have a device, no data)
 
 def restored_on_meta(runs, fused_adam, monkeypatch):
+    import build
     import devices
-    import runner
 
     run = Run(os.path.join(runs[0], "run"), "r")
     ckpt = checkpoint.latest_checkpoint(run)  # as train() reads it for --resume_training
@@ -274,8 +274,8 @@ def restored_on_meta(runs, fused_adam, monkeypatch):
     cfg = checkpoint.checkpoint_config(ckpt, run.ckpt_path)
     cfg = dataclasses.replace(cfg, fast=dataclasses.replace(cfg.fast, fused_adam=fused_adam))
     monkeypatch.setattr(devices, "fused_adam_ok", lambda device: True)
-    model = runner.make_model(cfg, torch.device("meta"))
-    optimizer = runner.make_optimizer(cfg, model)
+    model = build.make_model(cfg, torch.device("meta"))
+    optimizer = build.make_optimizer(cfg, model)
     with warnings.catch_warnings():  # "copying from a non-meta parameter ... is a no-op": meta tensors hold no data
         warnings.filterwarnings("ignore", ".*copying from a non-meta parameter")
         assert checkpoint.restore(ckpt, model, None, optimizer, torch.Generator(), cfg, run.ckpt_path) == 6
