@@ -16,7 +16,8 @@ import zipfile
 import torch
 import yaml
 
-from common import NCSNError, Run, atomic_torch_save
+from common import NCSNError, atomic_torch_save
+from rundir import Run
 
 log = logging.getLogger("ncsn")
 

@@ -15,7 +15,8 @@ import zlib
 import torch
 
 import devices
-from common import NCSNError, Run, atomic_torch_save, derive_seed, numbered_snapshots, replace_file, snapshot_name
+from common import NCSNError, atomic_torch_save, derive_seed, numbered_snapshots, replace_file, snapshot_name
+from rundir import Run
 from schema import ConfigError, config_from_dict, config_to_dict, with_legacy_values
 
 log = logging.getLogger("ncsn")

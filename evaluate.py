@@ -11,10 +11,11 @@ import time
 import torch
 
 import metrics
-from common import Run, atomic_save_image, atomic_write_bytes, chosen_checkpoint, derive_seed
-from progress import Progress
+from common import atomic_save_image, atomic_write_bytes, chosen_checkpoint, derive_seed
 from data import data_space, dequantize, load_mnist
 from build import make_score_fn
+from progress import Progress
+from rundir import Run
 from runner import draw_samples, dsm_loss, read_trained, sampling_generator, trained_network
 
 log = logging.getLogger("ncsn")

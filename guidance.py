@@ -322,7 +322,7 @@ def digit_guide(args, device):
 def main(argv=None):
     """python guidance.py --doc NAME: train (or load) the guidance classifier of run NAME's noise levels and
     print its test accuracy per level; --sample --digit would otherwise train it on first use."""
-    from common import Run
+    from rundir import Run
     from checkpoint import checkpoint_config, load_checkpoint
     from progress import setup_logging
     from runner import get_sigmas

@@ -5,10 +5,11 @@ import time
 
 import torch
 
-from common import NCSNError, Run, chosen_checkpoint, derive_seed, output_paths
-from progress import Progress
+from common import NCSNError, chosen_checkpoint, derive_seed
 from data import dequantize, load_mnist
-from runner import anneal_langevin_dynamics, initial_samples, output_folder, read_trained, trained_network
+from progress import Progress
+from rundir import Run, output_folder, output_paths
+from runner import anneal_langevin_dynamics, initial_samples, read_trained, trained_network
 
 log = logging.getLogger("ncsn")
 MASKS = ("bottom", "right", "square", "random")

@@ -274,7 +274,7 @@ def get_classifier(data_root, device, cache_path=None):
 
 
 def classifier_on_every_rank(data_root, device, run):
-    """get_classifier on each rank of `run` (common.Run) with one training at most: rank 0 gets it first (training and
+    """get_classifier on each rank of `run` (rundir.Run) with one training at most: rank 0 gets it first (training and
     caching it where there is no cache) while the others wait at a barrier (within main.COLLECTIVE_TIMEOUT_MIN),
     then they read the cache."""
     classifier = get_classifier(data_root, device) if run.rank == 0 else None

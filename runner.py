@@ -7,7 +7,6 @@ sampling command (`sample`). Checkpoints and resume are in checkpoint.py.
 """
 import copy
 import dataclasses
-import io
 import logging
 import math
 import os
@@ -16,18 +15,18 @@ import time
 
 import numpy as np
 import torch
-import yaml
 
 import devices
 from build import compile_model, make_model, make_optimizer, make_score_fn, warm_up_sampling, warm_up_training
 from checkpoint import (check_resumable, checkpoint_config, latest_checkpoint, load_checkpoint, load_model_state,
                         make_checkpoint, restore, save_checkpoint)
-from common import (NCSNError, Interrupted, Run, atomic_save_image, atomic_torch_save, atomic_write_bytes,
-                    chosen_checkpoint, derive_seed, numbered_snapshots, output_paths)
+from common import NCSNError, Interrupted, chosen_checkpoint, derive_seed, numbered_snapshots
 from data import (MNIST_MEAN, batch_noise, data_space, dequantize, dsm_noise, epoch_permutation, load_mnist,
                   logit_transform)
 from progress import EarlyLog, Progress, duration
-from schema import ConfigError, config_to_dict
+from rundir import (Run, StopSignals, make_run_folders, output_folder, output_paths, write_samples,
+                    write_snapshot_grid)
+from schema import ConfigError
 
 log = logging.getLogger("ncsn")
 
@@ -219,71 +218,6 @@ def make_ema(model):
 
 # ----------------------------------------------------------------------------------------------------------
 # Training
-
-class StopSignals:
-    """Within `with StopSignals() as stop:`, SIGINT and SIGTERM only set stop.signum; training checks it after
-    each step, writes a checkpoint and stops. Outside the main thread signals are left alone."""
-
-    def __init__(self):
-        self.signum, self._old = None, {}
-
-    def _handler(self, signum, frame):
-        if self.signum is None:
-            log.warning("%s received: stopping after this step", signal.Signals(signum).name)
-        self.signum = signum
-
-    def __enter__(self):
-        try:
-            self._old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:  # not the main thread
-            self._old = {}
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-class NullWriter:
-    """The TensorBoard writer of ranks other than 0."""
-
-    def add_scalar(self, *args, **kwargs):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
-def make_run_folders(run, config, args, device, early_log):
-    """Rank 0 makes the run folder, writes config.yml and logs to stdout.txt (which begins with what `early_log`,
-    a progress.EarlyLog, held of this command); returns the TensorBoard writer (one that writes nothing on other
-    ranks)."""
-    if run.rank != 0:
-        return NullWriter()
-    from tensorboardX import SummaryWriter  # before anything is written: a missing package leaves no folder
-    try:
-        for d in (run.log_dir, run.tb_dir):
-            os.makedirs(d, exist_ok=True)
-        for f in os.listdir(run.log_dir):  # our own temporary files, left by a crash mid-write
-            if ".pth.tmp." in f:
-                os.remove(os.path.join(run.log_dir, f))
-                log.info("removed %s, a checkpoint write cut off by a crash", f)
-        probe = os.path.join(run.log_dir, f".write_test.{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-        with open(os.path.join(run.log_dir, "config.yml"), "w") as f:
-            yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
-    except OSError as e:
-        raise NCSNError(f"cannot write the run folder {run.log_dir}: {e.strerror}") from e
-    early_log.attach(os.path.join(run.log_dir, "stdout.txt"))
-    log.info("run %s: %s", args.doc, " ".join(f"{k}={v}" for k, v in vars(args).items()))
-    log.info("device %s%s, torch %s", device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
-             else "", torch.__version__)
-    return SummaryWriter(run.tb_dir, filename_suffix=f".{time.time_ns()}")  # unique name per writer
-
 
 @dataclasses.dataclass
 class TrainState:
@@ -560,7 +494,6 @@ def snapshot_grid(state, writer):
     """training.snapshot_grid samples of the sampling weights with training.snapshot_steps_each Langevin steps
     a level (step_lr by NCSNv2's rule for that T: noise.langevin_step_lr), from a generator of their own (the
     training stream is untouched), into TensorBoard ('snapshot_grid') and <log_dir>/snapshot_grids/."""
-    from torchvision.utils import make_grid, save_image
     cfg, tcfg, sigmas = state.config, state.config.training, state.sigmas
     scfg = snapshot_grid_sampling(cfg, sigmas)
     grid_cfg = dataclasses.replace(cfg, sampling=scfg)
@@ -569,11 +502,7 @@ def snapshot_grid(state, writer):
     score_fn = make_score_fn(state.sampling_model(), cfg, state.device, state.sigmas)
     x = draw_samples(score_fn, sigmas, grid_cfg, tcfg.snapshot_grid, g, state.device)
     images = data_space(cfg)[1](x).clamp(0, 1)  # (n, 1, 28, 28)
-    grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=2)  # (3, H, W)
-    writer.add_image("snapshot_grid", grid, state.step)
-    folder = os.path.join(state.run.log_dir, "snapshot_grids")
-    os.makedirs(folder, exist_ok=True)
-    save_image(grid, os.path.join(folder, f"step_{state.step}.png"))
+    writer.add_image("snapshot_grid", write_snapshot_grid(state.run, state.step, images), state.step)
     log.info("step %d: snapshot grid of %d samples (%d network evaluations each) in %.1f s", state.step,
              len(images), sampler_steps(scfg, sigmas) + scfg.denoise, time.time() - t0)
 
@@ -772,38 +701,3 @@ def sample(args, config, device, guide=None):
         write_samples(samples, frames, names, to_image, nrow)
         log.info("wrote %s", ", ".join(names.values()))
     return 0
-
-
-def output_folder(args, run, kind="samples"):
-    """-o, or a folder of the run's own (never the repository's images/) named for what is drawn, so that no
-    sampling command writes over another's output: samples/ for --sample of the newest checkpoint,
-    samples_digit3/ for --digit 3, samples_ckpt1000/ for --ckpt 1000 (samples_ckpt1000_digit3/ for both), and
-    inpaint/ (inpaint_ckpt1000/) for --inpaint."""
-    if args.image_folder is not None:
-        return args.image_folder
-    name = kind
-    if args.ckpt is not None:
-        name += "_ckpt" + (args.ckpt if args.ckpt.isdigit() else
-                           os.path.splitext(os.path.basename(os.path.normpath(args.ckpt)))[0])
-    if getattr(args, "digit", None) is not None:
-        name += f"_digit{args.digit}"
-    return os.path.join(run.log_dir, name)
-
-
-def write_samples(samples, frames, names, to_image, nrow=None):
-    """The grid PNG (rows of `nrow` images; default a square), the raw tensor and the GIF of the trajectory
-    frames."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    hint = "free space there or write to another -o"  # each file whole or not there, no temporary one left
-    images = to_image(samples).clamp(0, 1)
-    atomic_save_image(images, names["samples.png"], hint, nrow=nrow or math.ceil(math.sqrt(len(images))), padding=2)
-    atomic_torch_save(samples, names["samples.pt"], hint)
-    nrow = math.ceil(math.sqrt(len(frames[0])))
-    pil = [Image.fromarray(make_grid(f, nrow=nrow, padding=2)[0].mul(255).round().byte().numpy(), mode="L")
-           for f in frames]
-    gif = io.BytesIO()
-    pil[0].save(gif, format="GIF", save_all=True, append_images=pil[1:], duration=[60] * (len(pil) - 1) + [2000],
-                loop=0)
-    atomic_write_bytes(names["movie.gif"], gif.getvalue(), hint)

@@ -31,8 +31,9 @@ import guidance  # noqa: E402
 import main as cli  # noqa: E402
 import metrics  # noqa: E402
 import runner  # noqa: E402
-from common import NCSNError, Run, output_paths  # noqa: E402
+from common import NCSNError  # noqa: E402
 from data import data_space, load_mnist, load_mnist_labels  # noqa: E402
+from rundir import Run, output_paths  # noqa: E402
 
 
 def parse_args(argv=None):

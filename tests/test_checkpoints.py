@@ -17,8 +17,9 @@ import torch
 
 import checkpoint
 import main
-from common import NCSNError, Run, numbered_snapshots
+from common import NCSNError, numbered_snapshots
 from conftest import CPU, REPO, snapshot_tree, tiny_config, write_config, write_fake_mnist
+from rundir import Run
 
 SETTINGS = {"training.snapshot_freq": 3, "fast.fused_adam": False}  # torch's default Adam: `step` on the CPU
 
@@ -422,7 +423,8 @@ def test_a_full_disk_under_samples_and_metrics_is_one_line_and_leaves_no_tempora
     assert f"cannot write {mount}/out/samples.pt: No space left on device (ENOSPC); it needs " in errors[0]
     assert "write to another -o" in errors[0]
     assert sorted(p.stdout.split("exit=1")[1].split()) == [".", "..", "samples.png"]  # whole, and nothing else
-    code = (f"import os, sys; sys.path.insert(0, {REPO!r}); import evaluate; from common import Run, NCSNError\n"
+    code = (f"import os, sys; sys.path.insert(0, {REPO!r}); import evaluate; from common import NCSNError\n"
+            "from rundir import Run\n"
             f"run = Run({str(mount)!r}, 'm'); os.makedirs(run.log_dir)\n"
             "with open(os.path.join(run.log_dir, 'filler'), 'wb', buffering=0) as f:\n"
             "    try:\n"
