@@ -16,7 +16,6 @@ import torch
 
 import devices
 from common import NCSNError, atomic_torch_save, derive_seed, numbered_snapshots, replace_file, snapshot_name
-from rundir import Run
 from schema import ConfigError, config_from_dict, config_to_dict, with_legacy_values
 
 log = logging.getLogger("ncsn")
@@ -373,11 +372,10 @@ def restore(ckpt, model, ema, optimizer, generator, config, path):
     return ckpt["step"]
 
 
-def verify_run(args):
-    """--verify: check every checkpoint file of run --doc (damage, then a load); one line each on stdout: the file,
-    its step, its size, ok or what is wrong. Returns 0 when all are intact; otherwise a one-line NCSNError naming
-    the newest intact snapshot (exit status 1)."""
-    run = Run(args.run, args.doc)
+def verify_run(run):
+    """--verify: check every checkpoint file of the run `run` (rundir.Run; damage, then a load); one line each on
+    stdout: the file, its step, its size, ok or what is wrong. Returns 0 when all are intact; otherwise a one-line
+    NCSNError naming the newest intact snapshot (exit status 1)."""
     if not os.path.isdir(run.log_dir):
         raise NCSNError(f"no run folder {run.log_dir} to verify: check --run and --doc")
     files = [(step, name) for step, name in numbered_snapshots(run.log_dir)]

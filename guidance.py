@@ -294,28 +294,29 @@ def asked_digits(digit, n):
     return torch.full((n,), int(digit), dtype=torch.long)  # (n,)
 
 
-def guidance_scale(args, config):
-    """w: --guidance_scale when given, else sampling.guidance_scale; --digit needs it above 0."""
-    w = args.guidance_scale if args.guidance_scale is not None else config.sampling.guidance_scale
+def guidance_scale(scale, digit, config):
+    """w: `scale` (--guidance_scale) when given, else sampling.guidance_scale; asking for `digit` needs it above 0."""
+    w = scale if scale is not None else config.sampling.guidance_scale
     if w <= 0:
-        raise NCSNError(f"--digit {args.digit} needs a guidance scale above 0 (sampling.guidance_scale is "
+        raise NCSNError(f"--digit {digit} needs a guidance scale above 0 (sampling.guidance_scale is "
                         f"{config.sampling.guidance_scale}): pass --guidance_scale W, e.g. 5 "
                         f"(docs/results.md#what-the-guidance-scale-w-buys)")
     return w
 
 
-def digit_guide(args, device):
+def digit_guide(digit, scale, device):
     """--sample --digit D|all: the `guide` that runner.sample calls with (run config, score function, sigmas)
-    once the run is loaded. It returns score_for_batch(start, stop), the guided score of samples
-    start..stop, and the grid's row length (n / 10 for --digit all, one row per digit; None: square)."""
+    once the run is loaded, for `digit` ("0".."9" or "all") at the guidance scale `scale` (None: the config's).
+    It returns score_for_batch(start, stop), the guided score of samples start..stop, and the grid's row length
+    (n / 10 for "all", one row per digit; None: square)."""
     def guide(config, score_fn, sigmas):
-        w = guidance_scale(args, config)
+        w = guidance_scale(scale, digit, config)
         n = config.sampling.n_samples
-        digits = asked_digits(args.digit, n).to(device)  # (n,)
+        digits = asked_digits(digit, n).to(device)  # (n,)
         classifier = get_guidance_classifier(config, sigmas, device)
-        log.info("guidance: digit %s, scale w = %g", args.digit, w)
+        log.info("guidance: digit %s, scale w = %g", digit, w)
         return (lambda start, stop: guided_score_fn(score_fn, classifier, digits[start:stop], w),
-                n // N_DIGITS if args.digit == "all" else None)
+                n // N_DIGITS if digit == "all" else None)
     return guide
 
 

@@ -36,9 +36,11 @@ class Run:
     world: int = 1
 
     @classmethod
-    def from_args(cls, args):
+    def from_distributed(cls, root, doc):
+        """The run `doc` under `root` as this process sees it: its rank and the world size of torch.distributed
+        when a process group is up (torchrun), else rank 0 of 1."""
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return cls(args.run, args.doc, torch.distributed.get_rank() if dist else 0,
+        return cls(root, doc, torch.distributed.get_rank() if dist else 0,
                    torch.distributed.get_world_size() if dist else 1)
 
     @property
@@ -134,10 +136,10 @@ class NullWriter:
         pass
 
 
-def make_run_folders(run, config, args, device, early_log):
+def make_run_folders(run, config, device, early_log, command=""):
     """Rank 0 makes the run folder, writes config.yml and logs to stdout.txt (which begins with what `early_log`,
-    a progress.EarlyLog, held of this command); returns the TensorBoard writer (one that writes nothing on other
-    ranks)."""
+    a progress.EarlyLog, held of this command, and then `command`, the command's settings in one line); returns
+    the TensorBoard writer (one that writes nothing on other ranks)."""
     if run.rank != 0:
         return NullWriter()
     from tensorboardX import SummaryWriter  # before anything is written: a missing package leaves no folder
@@ -156,7 +158,7 @@ def make_run_folders(run, config, args, device, early_log):
     except OSError as e:
         raise NCSNError(f"cannot write the run folder {run.log_dir}: {e.strerror}") from e
     early_log.attach(os.path.join(run.log_dir, "stdout.txt"))
-    log.info("run %s: %s", args.doc, " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    log.info("run %s: %s", run.doc, command)
     log.info("device %s%s, torch %s", device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
              else "", torch.__version__)
     return SummaryWriter(run.tb_dir, filename_suffix=f".{time.time_ns()}")  # unique name per writer
@@ -165,19 +167,18 @@ def make_run_folders(run, config, args, device, early_log):
 # ----------------------------------------------------------------------------------------------------------
 # What sampling commands write
 
-def output_folder(args, run, kind="samples"):
-    """-o, or a folder of the run's own (never the repository's images/) named for what is drawn, so that no
-    sampling command writes over another's output: samples/ for --sample of the newest checkpoint,
-    samples_digit3/ for --digit 3, samples_ckpt1000/ for --ckpt 1000 (samples_ckpt1000_digit3/ for both), and
-    inpaint/ (inpaint_ckpt1000/) for --inpaint."""
-    if args.image_folder is not None:
-        return args.image_folder
+def output_folder(run, image_folder=None, ckpt=None, digit=None, kind="samples"):
+    """Where a sampling command writes: `image_folder` (-o) when given, else a folder of the run's own (never the
+    repository's images/) named for what is drawn, so that no sampling command writes over another's output:
+    samples/ for --sample of the newest checkpoint, samples_digit3/ for --digit 3, samples_ckpt1000/ for
+    --ckpt 1000 (samples_ckpt1000_digit3/ for both), and inpaint/ (inpaint_ckpt1000/) for kind "inpaint"."""
+    if image_folder is not None:
+        return image_folder
     name = kind
-    if args.ckpt is not None:
-        name += "_ckpt" + (args.ckpt if args.ckpt.isdigit() else
-                           os.path.splitext(os.path.basename(os.path.normpath(args.ckpt)))[0])
-    if getattr(args, "digit", None) is not None:
-        name += f"_digit{args.digit}"
+    if ckpt is not None:
+        name += "_ckpt" + (ckpt if ckpt.isdigit() else os.path.splitext(os.path.basename(os.path.normpath(ckpt)))[0])
+    if digit is not None:
+        name += f"_digit{digit}"
     return os.path.join(run.log_dir, name)
 
 

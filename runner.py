@@ -20,12 +20,11 @@ import devices
 from build import compile_model, make_model, make_optimizer, make_score_fn, warm_up_sampling, warm_up_training
 from checkpoint import (check_resumable, checkpoint_config, latest_checkpoint, load_checkpoint, load_model_state,
                         make_checkpoint, restore, save_checkpoint)
-from common import NCSNError, Interrupted, chosen_checkpoint, derive_seed, numbered_snapshots
+from common import NCSNError, Interrupted, derive_seed, numbered_snapshots
 from data import (MNIST_MEAN, batch_noise, data_space, dequantize, dsm_noise, epoch_permutation, load_mnist,
                   logit_transform)
 from progress import EarlyLog, Progress, duration
-from rundir import (Run, StopSignals, make_run_folders, output_folder, output_paths, write_samples,
-                    write_snapshot_grid)
+from rundir import Run, StopSignals, make_run_folders, output_paths, write_samples, write_snapshot_grid
 from schema import ConfigError
 
 log = logging.getLogger("ncsn")
@@ -289,41 +288,36 @@ class TrainState:
         return loss.detach(), labels[own]
 
 
-def resume_command(args):
-    """The command that continues this run, as the user can paste it."""
-    import shlex
-    words = ["python", "main.py"] + (["--run", args.run] if args.run != "run" else []) + ["--doc", args.doc]
-    words += (["--device", args.device] if args.device != "auto" else []) + (["--deterministic"] if args.deterministic
-                                                                            else [])
-    return shlex.join(words + ["--resume_training"])
+RESUME_HINT = "the same call with resume=True"  # how to continue a run when no command line is given
 
 
-def train(args, config, device, on_snapshot=None):
-    """Train (or with --resume_training continue) the run args.doc; `on_snapshot(state, test_u8)` is called on
-    every rank after each numbered snapshot (e.g. evaluate.TrainingMetrics). Stops at the run's last step, or at
-    the first log step past training.max_minutes of this command. Returns the exit status 0."""
-    t_start = time.time()
-    run, device = Run.from_args(args), torch.device(device)
+def train(config, run, device, seed, resume=False, on_snapshot=None, resume_command=RESUME_HINT, command=""):
+    """Train the run `run` (rundir.Run) with the config and seed from step 1, or with `resume` continue it from its
+    newest checkpoint (with that checkpoint's seed). `on_snapshot(state, test_u8)` is called on every rank after
+    each numbered snapshot (e.g. evaluate.TrainingMetrics); `resume_command` is how messages say to continue the
+    run, `command` what stdout.txt records of the command. Stops at the run's last step, or at the first log step
+    past training.max_minutes of this command. Returns the exit status 0."""
+    t_start, device = time.time(), torch.device(device)
     check_training_samplers(config)
-    ckpt = starting_checkpoint(run, config, args.resume_training, args.seed)
+    ckpt = starting_checkpoint(run, config, resume, seed)
     train_u8 = load_mnist(config.data.root, train=True).to(device)  # (N, 28, 28) uint8
     test_u8 = load_mnist(config.data.root, train=False).to(device)  # (N_test, 28, 28) uint8
-    order = EpochOrder(ckpt["seed"] if ckpt else args.seed, len(train_u8), config.training.batch_size, device)
+    order = EpochOrder(ckpt["seed"] if ckpt else seed, len(train_u8), config.training.batch_size, device)
     n_total = min(config.training.n_iters, config.training.n_epochs * order.steps_per_epoch)
     if ckpt is not None and ckpt["step"] >= n_total:
         raise NCSNError(f"the checkpoint is at step {ckpt['step']} and the config ends at step {n_total}: train "
-                        f"further with {resume_command(args)} --set training.n_iters=N (N > {ckpt['step']})")
+                        f"further with {resume_command} --set training.n_iters=N (N > {ckpt['step']})")
     run.barrier()  # every rank has checked the run folder before rank 0 writes into it
     with StopSignals() as signals, EarlyLog() as early:  # SIGINT/SIGTERM from here on: stop after a step
         state = TrainState.create(config, run, device, order.seed, n_total, ckpt)
         deadline = training_deadline(state, t_start)
-        writer = make_run_folders(run, config, args, device, early)
+        writer = make_run_folders(run, config, device, early, command)
         log.info("%s at step %d of %d (%d steps an epoch of %d images, batch %d%s); %d parameters%s",
                  "resuming" if state.step else "training", state.step + 1, n_total, order.steps_per_epoch, order.n,
                  order.batch_size, f" over {run.world} ranks" if run.world > 1 else "",
                  sum(p.numel() for p in state.model.parameters()),
                  f"; budget {config.training.max_minutes:g} min" if deadline else "")
-        book = Bookkeeping(state, writer, signals, deadline, on_snapshot, test_u8, resume_command(args))
+        book = Bookkeeping(state, writer, signals, deadline, on_snapshot, test_u8, resume_command)
         try:
             while state.step < n_total:
                 batch = order.batch(state.step)  # (B,) the global batch
@@ -667,19 +661,20 @@ def sampler_steps(scfg, sigmas):
     return len(sigmas) * scfg.n_steps_each
 
 
-def sample(args, config, device, guide=None):
-    """--sample: the chain of sampling.sampler from sampling.init noise with the run's checkpoint; writes into -o
-    samples.png (grid), samples.pt (raw final tensor) and movie.gif (the trajectory).
+def sample(config, run, device, seed, ckpt_path, out_folder, overwrite=False, guide=None):
+    """--sample: the chain of sampling.sampler from sampling.init noise with the checkpoint file `ckpt_path` of the
+    run `run` (rundir.Run), from the generator of `seed`; `config` (or None: the checkpoint's) gives the sampling
+    settings (read_trained). Writes samples.png (grid), samples.pt (raw final tensor) and movie.gif (the
+    trajectory) into `out_folder`, replacing files there only with `overwrite`.
     guide(run config, score_fn, sigmas) -> (score_for_batch, grid row length or None), when given, steers the
     samples (--digit: guidance.digit_guide); it is called before anything is written."""
-    run, device = Run.from_args(args), torch.device(device)
-    ckpt_path = chosen_checkpoint(run, args.ckpt)
+    device = torch.device(device)
     run_cfg, ckpt = read_trained(ckpt_path, config)
     scfg = run_cfg.sampling
     lo, hi = run.shard(scfg.n_samples)  # under torchrun each rank draws its share, with its own seed
-    score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, args.seed, min(scfg.batch_size, hi - lo))
+    score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, seed, min(scfg.batch_size, hi - lo))
     score_for_batch, nrow = guide(run_cfg, score_fn, sigmas) if guide is not None else (None, None)
-    names = output_paths(output_folder(args, run), ["samples.png", "samples.pt", "movie.gif"], args.overwrite)
+    names = output_paths(out_folder, ["samples.png", "samples.pt", "movie.gif"], overwrite)
     total = sampler_steps(scfg, sigmas)
     frame_steps = set(np.linspace(1, total, min(scfg.n_frames, total)).round().astype(int).tolist())
     n_grid = min(scfg.n_samples, scfg.batch_size, 100)
@@ -693,7 +688,7 @@ def sample(args, config, device, guide=None):
 
     t0 = time.time()
     own_batch = None if score_for_batch is None else lambda a, b: score_for_batch(lo + a, lo + b)  # global indices
-    samples = draw_samples(score_fn, sigmas, run_cfg, hi - lo, sampling_generator(run, device, args.seed), device,
+    samples = draw_samples(score_fn, sigmas, run_cfg, hi - lo, sampling_generator(run, device, seed), device,
                            callback=record, score_for_batch=own_batch, desc="sample" if run.rank == 0 else None)
     samples = run.gather(samples)
     log.info("sampled %d images in %.1f s", scfg.n_samples, time.time() - t0)
