@@ -16,15 +16,15 @@ less variety):
 `guided_score_fn` builds s_w around any score function, and the unchanged sampler
 (runner.anneal_langevin_dynamics) runs it. `get_guidance_classifier` trains the classifier once for a run's
 noise levels (with a progress bar; about 6 minutes on one core) and caches it next to the data, beside
-metrics.py's classifier; `python guidance.py --doc NAME` makes it ahead of time and prints its accuracy per level.
+metrics.py's classifier; `python bench/guidance.py --doc NAME --classifier_only` makes it ahead of time and prints
+its accuracy per level.
 
 Its own module, apart from metrics.py: metrics.py's classifier is the independent judge of samples, trained
 on clean digits and knowing nothing of the model, and must stay so, or guided samples would be scored by the
 network that steered them. This classifier belongs to one set of noise levels (a run's) and is used only by
---sample --digit and bench/guidance.py. runner.py does not import it (runner.sample takes the `guide` that
-main.py makes here), and only its command line (`main` below) imports runner.py.
+--sample --digit and bench/guidance.py. It imports nothing of runner.py, and runner.py nothing of it:
+runner.sample takes the `guide` that main.py makes here (digit_guide).
 """
-import argparse
 import hashlib
 import json
 import logging
@@ -318,31 +318,3 @@ def digit_guide(digit, scale, device):
         return (lambda start, stop: guided_score_fn(score_fn, classifier, digits[start:stop], w),
                 n // N_DIGITS if digit == "all" else None)
     return guide
-
-
-def main(argv=None):
-    """python guidance.py --doc NAME: train (or load) the guidance classifier of run NAME's noise levels and
-    print its test accuracy per level; --sample --digit would otherwise train it on first use."""
-    from rundir import Run
-    from checkpoint import checkpoint_config, load_checkpoint
-    from progress import setup_logging
-    from runner import get_sigmas
-
-    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    p.add_argument("--run", default="run", help="output root of the run")
-    p.add_argument("--doc", required=True, help="the run whose noise levels the classifier is for")
-    args = p.parse_args(argv)
-    setup_logging("info")
-    try:
-        run = Run(args.run, args.doc)
-        config = checkpoint_config(load_checkpoint(run.ckpt_path), run.ckpt_path)
-        get_guidance_classifier(config, get_sigmas(config.model.sigma_begin, config.model.sigma_end,
-                                                   config.model.num_classes), "cpu")
-    except NCSNError as e:
-        log.error("%s", e)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
