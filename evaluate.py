@@ -13,7 +13,6 @@ import torch
 import metrics
 from common import atomic_save_image, atomic_write_bytes, derive_seed
 from data import data_space, dequantize, load_mnist
-from build import make_score_fn
 from progress import Progress
 from runner import draw_samples, dsm_loss, read_trained, sampling_generator, trained_network
 
@@ -152,9 +151,8 @@ class TrainingMetrics:
                 self.reference = metrics.reference_stats(self.classifier, metrics.to_unit(test_u8))
         t0 = time.time()
         generator = sampling_generator(run, state.device, derive_seed(state.seed, "training_metrics", state.step))
-        score_fn = make_score_fn(state.sampling_model(), cfg, state.device, state.sigmas)
         lo, hi = run.shard(cfg.eval.n_training)
-        samples = run.gather(draw_samples(score_fn, state.sigmas, cfg, hi - lo, generator, state.device))
+        samples = run.gather(draw_samples(state.sampling_score_fn(), state.sigmas, cfg, hi - lo, generator, state.device))
         if run.rank != 0:
             return
         result = metrics.sample_metrics(data_space(cfg)[1](samples), self.classifier, self.reference)

@@ -258,9 +258,11 @@ class TrainState:
         return cls(config, run, device, seed, model, net, ema, optimizer, generator, sigmas,
                    make_score_fn(net, config, device, sigmas), data_space(config)[0], n_total, step)
 
-    def sampling_model(self):
-        """The weights --sample would use: the EMA's when model.ema and sampling.ema are on."""
-        return self.ema if self.ema is not None and self.config.sampling.ema else self.model
+    def sampling_score_fn(self):
+        """s(x, i) of the weights --sample would use, the EMA's when model.ema and sampling.ema are on: what the
+        snapshot grid, the test loss and the metrics hook (evaluate.TrainingMetrics) evaluate."""
+        weights = self.ema if self.ema is not None and self.config.sampling.ema else self.model
+        return make_score_fn(weights, self.config, self.device, self.sigmas)
 
     def checkpoint(self):
         return make_checkpoint(self.config, self.model, self.ema, self.optimizer, self.generator, self.step,
@@ -493,8 +495,7 @@ def snapshot_grid(state, writer):
     grid_cfg = dataclasses.replace(cfg, sampling=scfg)
     t0 = time.time()
     g = torch.Generator(state.device).manual_seed(derive_seed(state.seed, "snapshot_grid", state.step))
-    score_fn = make_score_fn(state.sampling_model(), cfg, state.device, state.sigmas)
-    x = draw_samples(score_fn, sigmas, grid_cfg, tcfg.snapshot_grid, g, state.device)
+    x = draw_samples(state.sampling_score_fn(), sigmas, grid_cfg, tcfg.snapshot_grid, g, state.device)
     images = data_space(cfg)[1](x).clamp(0, 1)  # (n, 1, 28, 28)
     writer.add_image("snapshot_grid", write_snapshot_grid(state.run, state.step, images), state.step)
     log.info("step %d: snapshot grid of %d samples (%d network evaluations each) in %.1f s", state.step,
@@ -549,9 +550,8 @@ def test_loss(state, test_u8):
     cfg, device = state.config, state.device
     g = torch.Generator(device).manual_seed(derive_seed(state.seed, "test_batch", state.step))
     idx = torch.randint(len(test_u8), (cfg.training.batch_size,), generator=g, device=device)
-    score_fn = make_score_fn(state.sampling_model(), cfg, device, state.sigmas)
     with torch.no_grad():
-        loss, _ = dsm_loss(score_fn, state.to_model(dequantize(test_u8[idx], g)), state.sigmas, g,
+        loss, _ = dsm_loss(state.sampling_score_fn(), state.to_model(dequantize(test_u8[idx], g)), state.sigmas, g,
                            anneal_power=cfg.training.anneal_power)
     return float(loss.mean())
 
