@@ -398,17 +398,13 @@ def sampling_seconds(state, repeats=3):
     times the evaluations of sampling.n_samples, plus SAMPLING_START_SECONDS."""
     cfg, device = state.config, state.device
     batch = min(cfg.sampling.batch_size, cfg.sampling.n_samples)
-    shape = (batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    x, labels = torch.zeros(shape, device=device), torch.zeros(batch, dtype=torch.long, device=device)
-    score_fn = make_score_fn(state.model, cfg, device, state.sigmas)
-    times = []
-    with torch.inference_mode():
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            score_fn(x, labels)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
+    evaluation, times = warm_up_sampling(cfg, device, batch), []  # one evaluation of a batch under inference_mode
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        evaluation(state.model)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
     per_eval = float(np.median(times[1:]))
     evals = (sampler_steps(cfg.sampling, state.sigmas) + cfg.sampling.denoise) * math.ceil(cfg.sampling.n_samples / batch)
     return evals * per_eval + SAMPLING_START_SECONDS, per_eval, evals
@@ -434,27 +430,22 @@ class Bookkeeping:
 
     def after_step(self, loss, levels, batch):
         """The bookkeeping after step state.step with this rank's per-sample loss and levels of its global batch of
-        `batch` images. Returns True when the time
-        budget ends the run here (a numbered checkpoint written); raises Interrupted after a stop signal (a
-        checkpoint written)."""
-        state, tcfg = self.state, self.state.config.training
-        step = state.step
+        `batch` images. Returns True when the time budget ends the run here (a numbered checkpoint written);
+        raises Interrupted after a stop signal (a checkpoint written)."""
+        state, tcfg, step = self.state, self.state.config.training, self.state.step
         self.window.append((step, loss, levels, batch))
         self.progress.update(1)
         snapshot = step % tcfg.snapshot_freq == 0 or step == state.n_total
-        stop, out_of_time = None, False
-        signalled = self.signals.signum and state.run.world == 1  # under DDP the ranks agree at log steps only
-        if step % tcfg.log_freq == 0 or step % tcfg.test_freq == 0 or snapshot or signalled:
-            stop, out_of_time = self.log_step()
+        stop, out_of_time = self.log_step() if self.reads_back(step, snapshot) else (None, False)
         if step % tcfg.test_freq == 0 and state.run.rank == 0:
             loss = test_loss(state, self.test_u8)
             self.writer.add_scalar("test_loss", loss, step)
             log.info("step %d: loss %.4f, test loss %.4f", step, self.last, loss)
-        if snapshot or out_of_time or stop:
+        numbered = snapshot or out_of_time  # the budget ends the run as its last step would
+        if numbered or stop:
             self.writer.flush()
-            save_checkpoint(state.run, state.checkpoint(), numbered=snapshot or out_of_time,
-                            keep_snapshots=tcfg.keep_snapshots)
-        if snapshot or out_of_time:  # the budget ends the run as its last step would
+            save_checkpoint(state.run, state.checkpoint(), numbered=numbered, keep_snapshots=tcfg.keep_snapshots)
+        if numbered:
             self.after_snapshot()
         if stop:
             raise Interrupted(stop, f"{signal.Signals(stop).name} at step {step}: checkpoint written, continue "
@@ -463,6 +454,13 @@ class Bookkeeping:
             log.info("training.max_minutes (%g) reached at step %d of %d: checkpoint written; another budget: %s",
                      tcfg.max_minutes, step, state.n_total, self.resume_command)
         return out_of_time
+
+    def reads_back(self, step, snapshot):
+        """Whether the losses are read back after `step`: at log and test steps, at a snapshot, and at once after a
+        stop signal in a single process (under torchrun the ranks agree on a signal at those steps only)."""
+        tcfg = self.state.config.training
+        signalled = self.signals.signum is not None and self.state.run.world == 1
+        return step % tcfg.log_freq == 0 or step % tcfg.test_freq == 0 or snapshot or signalled
 
     def log_step(self):
         """Read the window's losses back and log them; returns (the stop signal every rank heard of, or None;
