@@ -2,8 +2,10 @@
 
 Read top to bottom: the method's pure functions (`dsm_loss`, eq. 5 and 6 of Song & Ermon, 2019;
 `anneal_langevin_dynamics`, their Algorithm 1; `consistent_annealed_sampling`, the optional sampler of
-Jolicoeur-Martineau et al., 2021), the network as the method calls it, the training loop (`train`) and the
-sampling command (`sample`). Checkpoints and resume are in checkpoint.py.
+Jolicoeur-Martineau et al., 2021; EMA), the training loop (`train` with its `TrainState` and `Bookkeeping`) and
+sampling (`sample`). Every function takes plain values: main.py reads the flags. The network, its score function
+and the optimizer are built in build.py, the run folder and what is written into it are rundir.py's, the
+checkpoint file and resume's checks are checkpoint.py's.
 """
 import copy
 import dataclasses
