@@ -152,7 +152,8 @@ class TrainingMetrics:
         t0 = time.time()
         generator = sampling_generator(run, state.device, derive_seed(state.seed, "training_metrics", state.step))
         lo, hi = run.shard(cfg.eval.n_training)
-        samples = run.gather(draw_samples(state.sampling_score_fn(), state.sigmas, cfg, hi - lo, generator, state.device))
+        samples = run.gather(draw_samples(state.sampling_score_fn(), state.sigmas, cfg, hi - lo, generator,
+                                          state.device))
         if run.rank != 0:
             return
         result = metrics.sample_metrics(data_space(cfg)[1](samples), self.classifier, self.reference)

@@ -37,9 +37,10 @@ def inpainting_mask(kind, shape, generator=None, device="cpu"):
 
 def inpaint(config, device, kind, seed, ckpt_path, out_folder, overwrite=False):
     """Complete test digits with `kind` of region hidden, with the checkpoint file `ckpt_path` (`config`, or None
-    for the checkpoint's, gives the sampling settings: runner.read_trained); writes inpaint_<kind>.png into `out_folder` (replacing it only with `overwrite`) with three
-    rows: the originals, what the sampler sees (hidden pixels grey), the completions. Every random choice (the
-    digits, their dequantization, the mask, the noise) follows `seed`."""
+    for the checkpoint's, gives the sampling settings: runner.read_trained); writes inpaint_<kind>.png into
+    `out_folder` (replacing it only with `overwrite`) with three rows: the originals, what the sampler sees (hidden
+    pixels grey), the completions. Every random choice (the digits, their dequantization, the mask, the noise)
+    follows `seed`."""
     device = torch.device(device)
     run_cfg, ckpt = read_trained(ckpt_path, config)
     scfg = run_cfg.sampling

@@ -33,8 +33,8 @@ def functions(tree):
 def test_runner_is_the_method_the_loop_and_sampling_in_a_bounded_room():
     with open(os.path.join(REPO, "runner.py")) as f:
         n = len(f.read().splitlines())
-    assert n <= RUNNER_MAX_LINES, f"runner.py has {n} lines (at most {RUNNER_MAX_LINES}): move what is not the method, " \
-                                  f"the loop, resume or sampling out of it"
+    assert n <= RUNNER_MAX_LINES, (f"runner.py has {n} lines (at most {RUNNER_MAX_LINES}): move what is not the "
+                                   f"method, the loop, resume or sampling out of it")
 
 
 def test_train_reads_in_a_screen():
