@@ -1,4 +1,5 @@
-"""Command line for NCSN on MNIST: flags + YAML config -> a read-only namespace -> the runner.
+"""Command line for NCSN on MNIST: flags + YAML config -> one read-only config and plain values (the run, the seed,
+the checkpoint file, the output folder) -> the module of the command. The only module that reads the flags.
 
     python main.py --config config.yml --doc mnist               # train into run/logs/mnist
     python main.py --doc mnist --resume_training                 # continue it, with its own config.yml
