@@ -16,7 +16,7 @@ import zipfile
 import torch
 import yaml
 
-from common import NCSNError, Run, atomic_torch_save
+from common import NCSNError, atomic_torch_save
 
 log = logging.getLogger("ncsn")
 
@@ -160,7 +160,7 @@ def our_config(theirs, channels, ngf, n_levels, source):
 def map_adam_state(their_optim, their_names, model, config):
     """Our Adam optimizer over `model`, holding their Adam state re-indexed to our parameter order (Adam keys its
     state by position)."""
-    from runner import make_optimizer
+    from build import make_optimizer
 
     index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
     state = {index[our_name(their_names[i])]: s for i, s in their_optim.get("state", {}).items()}
@@ -172,17 +172,17 @@ def map_adam_state(their_optim, their_names, model, config):
     return optimizer
 
 
-def import_authors(args):
-    """--import_authors PATH --doc NAME: write run/logs/NAME (checkpoint.pth, config.yml) from their run; nothing
-    is written unless every check passes."""
+def import_authors(path, run, seed):
+    """--import_authors PATH --doc NAME: write the run folder of `run` (rundir.Run; checkpoint.pth, config.yml) from
+    their run folder or checkpoint.pth `path`, its generator seeded with `seed`; nothing is written unless every
+    check passes."""
     from checkpoint import make_checkpoint
-    from runner import make_model
+    from build import make_model
     from schema import ConfigError, config_from_dict, config_to_dict
 
-    run = Run(args.run, args.doc)
     if os.path.exists(run.log_dir) or os.path.exists(run.tb_dir):
         raise NCSNError(f"run folder {run.log_dir} already exists: pick another --doc")
-    ckpt_path, cfg_path = their_files(args.import_authors)
+    ckpt_path, cfg_path = their_files(path)
     state, their_optim = read_their_checkpoint(ckpt_path)
     channels, ngf, n_levels = shape_facts(state)
     if cfg_path is None:
@@ -196,8 +196,7 @@ def import_authors(args):
     model.load_state_dict(map_state_dict(state, model.state_dict(), source=ckpt_path))
     optimizer = map_adam_state(their_optim, list(state), model, config)
     # step 0: unknown, their checkpoint does not record it
-    checkpoint = make_checkpoint(config, model, None, optimizer, torch.Generator().manual_seed(args.seed), 0,
-                                 args.seed)
+    checkpoint = make_checkpoint(config, model, None, optimizer, torch.Generator().manual_seed(seed), 0, seed)
     try:
         os.makedirs(run.log_dir)
         with open(os.path.join(run.log_dir, "config.yml"), "w") as f:

@@ -15,7 +15,7 @@ import zlib
 import torch
 
 import devices
-from common import NCSNError, Run, atomic_torch_save, derive_seed, numbered_snapshots, replace_file, snapshot_name
+from common import NCSNError, atomic_torch_save, derive_seed, numbered_snapshots, replace_file, snapshot_name
 from schema import ConfigError, config_from_dict, config_to_dict, with_legacy_values
 
 log = logging.getLogger("ncsn")
@@ -348,14 +348,13 @@ def restore(ckpt, model, ema, optimizer, generator, config, path):
 
     The optimizer's moments go to their parameters' device; its `step` counters stay on the CPU, where torch keeps
     them for its default Adam (on the device every step would sync on them), and go to the device only for fused
-    Adam, which needs them there. Fused Adam is this run's choice, as runner.make_optimizer makes it: fast.fused_adam
-    and devices.fused_adam_ok, not the checkpoint's."""
+    Adam, which needs them there. Fused Adam is this run's choice (devices.use_fused_adam), not the checkpoint's."""
     load_model_state(model, ckpt["model"], path)
     if ema is not None:
         load_model_state(ema, ckpt["ema"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     device = next(model.parameters()).device
-    fused = True if config.fast.fused_adam and devices.fused_adam_ok(device) else None
+    fused = devices.use_fused_adam(config, device)
     for group in optimizer.param_groups:
         group["fused"] = fused
         for p in group["params"]:
@@ -373,11 +372,10 @@ def restore(ckpt, model, ema, optimizer, generator, config, path):
     return ckpt["step"]
 
 
-def verify_run(args):
-    """--verify: check every checkpoint file of run --doc (damage, then a load); one line each on stdout: the file,
-    its step, its size, ok or what is wrong. Returns 0 when all are intact; otherwise a one-line NCSNError naming
-    the newest intact snapshot (exit status 1)."""
-    run = Run(args.run, args.doc)
+def verify_run(run):
+    """--verify: check every checkpoint file of the run `run` (rundir.Run; damage, then a load); one line each on
+    stdout: the file, its step, its size, ok or what is wrong. Returns 0 when all are intact; otherwise a one-line
+    NCSNError naming the newest intact snapshot (exit status 1)."""
     if not os.path.isdir(run.log_dir):
         raise NCSNError(f"no run folder {run.log_dir} to verify: check --run and --doc")
     files = [(step, name) for step, name in numbered_snapshots(run.log_dir)]

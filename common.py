@@ -1,9 +1,9 @@
-"""What every command of NCSN-MNIST shares: its errors, atomic writes, seeds and where a run lives.
+"""What every command of NCSN-MNIST shares: its errors, atomic writes, seeds, snapshot names and TensorBoard's
+scalars (where a run lives is rundir.py).
 
 Its own module so that runner.py, metrics.py, evaluate.py and the tests can share these without importing
 each other (no module here imports one that imports it back).
 """
-import dataclasses
 import errno
 import io
 import os
@@ -237,74 +237,3 @@ def read_scalars(tb_dir):
                 if v.HasField("simple_value"):
                     out.setdefault(v.tag, {})[event.step] = v.simple_value
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Where a run lives and which process we are
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """The folders of one run (<run>/logs/<doc>, <run>/tensorboard/<doc>) and this process's rank under torchrun
-    (0 of 1 for a plain run). A runtime object, not config."""
-    root: str
-    doc: str
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_args(cls, args):
-        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return cls(args.run, args.doc, torch.distributed.get_rank() if dist else 0,
-                   torch.distributed.get_world_size() if dist else 1)
-
-    @property
-    def log_dir(self):
-        return os.path.join(self.root, "logs", self.doc)
-
-    @property
-    def tb_dir(self):
-        return os.path.join(self.root, "tensorboard", self.doc)
-
-    @property
-    def ckpt_path(self):
-        return os.path.join(self.log_dir, "checkpoint.pth")
-
-    def shard(self, n):
-        """(start, stop) of this rank's share of n items: contiguous, sizes differing by at most one."""
-        return self.rank * n // self.world, (self.rank + 1) * n // self.world
-
-    def barrier(self):
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def gather(self, x):
-        """Concatenate every rank's tensor in rank order (on all ranks); x itself when not distributed."""
-        if self.world == 1:
-            return x
-        parts = [None] * self.world
-        torch.distributed.all_gather_object(parts, x.cpu())
-        return torch.cat(parts)
-
-    def any_rank(self, flag, device):
-        """True on every rank if `flag` is true on any (one all-reduce; the flag itself when not distributed)."""
-        if self.world == 1:
-            return bool(flag)
-        t = torch.tensor([int(bool(flag))], device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
-
-
-def output_paths(folder, names, overwrite):
-    """{name: folder/name} for the files a command will write into -o; refuses to replace any without
-    --overwrite, and makes the folder."""
-    paths = {k: os.path.join(folder, k) for k in names}
-    present = [p for p in paths.values() if os.path.exists(p)]
-    if present and not overwrite:
-        raise NCSNError(f"{', '.join(present)} already exist: choose another -o or pass --overwrite")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise NCSNError(f"cannot create the image folder {folder}: {e.strerror}") from e
-    if not os.access(folder, os.W_OK):
-        raise NCSNError(f"the image folder {folder} is not writable")
-    return paths

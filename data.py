@@ -82,17 +82,25 @@ def stratified_levels(generator, batch, num_levels, device):
     return levels[torch.randperm(batch, generator=generator, device=device)]
 
 
+def dsm_noise(generator, shape, num_levels, device, labels=None, z=None, stratified=False, dtype=None):
+    """The noise of denoising score matching for a batch of `shape` (B, 1, 28, 28): the levels (B,) and
+    z ~ N(0, I) of that shape, each drawn from `generator` (in that order) unless given. The levels are
+    i ~ U{0..L-1} for each image (the paper), or with `stratified` (training.stratified_levels) the same share
+    of the batch for every level (stratified_levels). Returns (labels, z)."""
+    if labels is None:
+        labels = stratified_levels(generator, shape[0], num_levels, device) if stratified else \
+            torch.randint(num_levels, (shape[0],), generator=generator, device=device)  # (B,)
+    if z is None:
+        z = torch.randn(shape, generator=generator, device=device, dtype=dtype)  # (B, 1, 28, 28)
+    return labels, z
+
+
 def batch_noise(generator, batch, num_levels, device, shape=(1, 28, 28), stratified=False):
     """The randomness of one training step, in the order a single process draws it: the dequantization
-    noise u ~ U[0, 1) (B, 1, 28, 28), the levels (B,) and z ~ N(0, I) (B, 1, 28, 28). The levels are
-    i ~ U{0..L-1} for each image (the paper), or with `stratified` (training.stratified_levels) the same share
-    of the batch for every level (stratified_levels). Callers draw the whole global batch on every rank."""
+    noise u ~ U[0, 1) (B, 1, 28, 28), then the levels (B,) and z (B, 1, 28, 28) of dsm_noise. Callers draw the
+    whole global batch on every rank."""
     u = torch.rand((batch, *shape), generator=generator, device=device)
-    if stratified:
-        labels = stratified_levels(generator, batch, num_levels, device)
-    else:
-        labels = torch.randint(num_levels, (batch,), generator=generator, device=device)
-    z = torch.randn((batch, *shape), generator=generator, device=device)
+    labels, z = dsm_noise(generator, (batch, *shape), num_levels, device, stratified=stratified)
     return u, labels, z
 
 

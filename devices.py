@@ -129,3 +129,10 @@ def fused_adam_ok(device):
     except (RuntimeError, TypeError, ValueError):
         log.warning("fast.fused_adam: fused Adam is not available on %s; using torch's default Adam", device.type)
         return False
+
+
+def use_fused_adam(config, device):
+    """Adam's `fused` argument for a run of `config` whose parameters are on `device`: True when fast.fused_adam is
+    on and the device has it (fused_adam_ok), else None (torch's default Adam). The optimizer a run builds and the
+    one it restores from a checkpoint both ask here."""
+    return True if config.fast.fused_adam and fused_adam_ok(device) else None

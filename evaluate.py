@@ -11,10 +11,10 @@ import time
 import torch
 
 import metrics
-from common import Run, atomic_save_image, atomic_write_bytes, chosen_checkpoint, derive_seed
-from progress import Progress
+from common import atomic_save_image, atomic_write_bytes, derive_seed
 from data import data_space, dequantize, load_mnist
-from runner import draw_samples, dsm_loss, make_score_fn, read_trained, sampling_generator, trained_network
+from progress import Progress
+from runner import draw_samples, dsm_loss, read_trained, sampling_generator, trained_network
 
 log = logging.getLogger("ncsn")
 LOSS_BATCH = 500  # test images per forward pass of the per-level loss
@@ -61,34 +61,35 @@ def record_metrics(run, record, levels=None):
             writer.add_scalar(f"test_loss/level_{i}", v, record["step"])
 
 
-def evaluate(args, config, device):
+def evaluate(config, run, device, seed, ckpt_path):
     """--eval: FID, Inception-style score, digit shares, white share and confidence of eval.n_samples(_cpu)
-    samples of the run's checkpoint against the MNIST test set, and the DSM loss of the test images at each
-    noise level; appended to metrics.json and written to TensorBoard at the checkpoint's step."""
-    run, device = Run.from_args(args), torch.device(device)
-    ckpt_path = chosen_checkpoint(run, args.ckpt)
+    samples of the checkpoint file `ckpt_path` of the run `run` (rundir.Run), drawn from the generator of `seed`,
+    against the MNIST test set, and the DSM loss of the test images at each noise level; appended to the run's
+    metrics.json and written to TensorBoard at the checkpoint's step. `config` (or None: the checkpoint's) gives
+    the sampling and eval settings (runner.read_trained)."""
+    device = torch.device(device)
     run_cfg, ckpt = read_trained(ckpt_path, config)
     n = run_cfg.eval.n_samples_cpu if device.type == "cpu" else run_cfg.eval.n_samples  # GPU or MPS: the full count
     lo, hi = run.shard(n)
-    score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, args.seed,
+    score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, seed,
                                        min(run_cfg.sampling.batch_size, hi - lo))
     step = ckpt["step"]
     test_u8 = load_mnist(run_cfg.data.root, train=False).to(device)
     classifier = metrics.classifier_on_every_rank(run_cfg.data.root, device, run)
     reference = metrics.reference_stats(classifier, metrics.to_unit(test_u8))
     t0 = time.time()
-    samples = run.gather(draw_samples(score_fn, sigmas, run_cfg, hi - lo, sampling_generator(run, device, args.seed),
+    samples = run.gather(draw_samples(score_fn, sigmas, run_cfg, hi - lo, sampling_generator(run, device, seed),
                                       device, desc="eval: sampling" if run.rank == 0 else None))
     seconds = time.time() - t0
     to_model, to_image = data_space(run_cfg)
     result = metrics.sample_metrics(to_image(samples), classifier, reference)
     n_loss = run_cfg.eval.loss_images_cpu if device.type == "cpu" else run_cfg.eval.loss_images
     levels = test_loss_per_level(score_fn, to_model, test_u8[:n_loss], sigmas, run_cfg.training.anneal_power,
-                                 args.seed, desc="eval: test loss per level")
+                                 seed, desc="eval: test loss per level")
     record = {"step": step, "fid": result["fid"], "inception_score": result["inception_score"],
               "mean_confidence": result["mean_confidence"], "class_shares": result["class_shares"],
               "white_share": result["white_share"], "n_samples": n, "sampling_seconds": seconds,
-              "seed": args.seed, "test_loss_per_level": levels, "test_loss_images": min(n_loss, len(test_u8))}
+              "seed": seed, "test_loss_per_level": levels, "test_loss_images": min(n_loss, len(test_u8))}
     log.info("step %d, %d samples (%.0f s): FID %.2f, Inception-style score %.2f, confidence %.3f, white %.0f%%",
              step, n, seconds, result["fid"], result["inception_score"], result["mean_confidence"],
              100 * result["white_share"])
@@ -150,9 +151,9 @@ class TrainingMetrics:
                 self.reference = metrics.reference_stats(self.classifier, metrics.to_unit(test_u8))
         t0 = time.time()
         generator = sampling_generator(run, state.device, derive_seed(state.seed, "training_metrics", state.step))
-        score_fn = make_score_fn(state.sampling_model(), cfg, state.device, state.sigmas)
         lo, hi = run.shard(cfg.eval.n_training)
-        samples = run.gather(draw_samples(score_fn, state.sigmas, cfg, hi - lo, generator, state.device))
+        samples = run.gather(draw_samples(state.sampling_score_fn(), state.sigmas, cfg, hi - lo, generator,
+                                          state.device))
         if run.rank != 0:
             return
         result = metrics.sample_metrics(data_space(cfg)[1](samples), self.classifier, self.reference)

@@ -16,17 +16,16 @@ less variety):
 `guided_score_fn` builds s_w around any score function, and the unchanged sampler
 (runner.anneal_langevin_dynamics) runs it. `get_guidance_classifier` trains the classifier once for a run's
 noise levels (with a progress bar; about 6 minutes on one core) and caches it next to the data, beside
-metrics.py's classifier; `python guidance.py --doc NAME` makes it ahead of time and prints its accuracy per level.
+metrics.py's classifier; `python bench/guidance.py --doc NAME --classifier_only` makes it ahead of time and prints
+its accuracy per level.
 
 Its own module, apart from metrics.py: metrics.py's classifier is the independent judge of samples, trained
 on clean digits and knowing nothing of the model, and must stay so, or guided samples would be scored by the
 network that steered them. This classifier belongs to one set of noise levels (a run's) and is used only by
---sample --digit and bench/guidance.py. runner.py does not import it (runner.sample takes the `guide` that
-main.py makes here), and only its command line (`main` below) imports runner.py.
+--sample --digit and bench/guidance.py. It imports nothing of runner.py, and runner.py nothing of it:
+runner.sample takes the `guide` that main.py makes here (digit_guide).
 """
-import argparse
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -38,7 +37,8 @@ import torch.nn.functional as F
 
 from common import NCSNError
 from data import MNIST_FILES, data_space, dequantize, load_mnist, load_mnist_labels
-from metrics import FALLBACK_CACHE, cache_places, fit_classifier, random_shift, write_cache
+from metrics import (FALLBACK_CACHE, cache_places, code_fingerprint, fit_classifier, random_shift, read_cache,
+                     write_cache)
 
 log = logging.getLogger("ncsn")
 
@@ -177,11 +177,9 @@ def _levels(sigmas, logit_transform):
 
 
 def guidance_fingerprint(sigmas, logit_transform):
-    """sha256 of the code and settings that make the classifier, and of the levels it is trained at."""
-    parts = [inspect.getsource(f) for f in _MAKERS]
-    parts.append(json.dumps({"format": CACHE_FORMAT, **TRAIN_SETTINGS, **_levels(sigmas, logit_transform)},
-                            sort_keys=True))
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    """The fingerprint (metrics.code_fingerprint) of the code and settings that make the classifier, and of the
+    levels it is trained at."""
+    return code_fingerprint(_MAKERS, {"format": CACHE_FORMAT, **TRAIN_SETTINGS, **_levels(sigmas, logit_transform)})
 
 
 def cache_name(sigmas, logit_transform):
@@ -192,15 +190,8 @@ def cache_name(sigmas, logit_transform):
 
 def _load_cached(path, fingerprint, device):
     """The classifier in `path`, or None when another code, setting or set of levels made it (retrain)."""
-    try:
-        cache = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file raises one of several types
-        raise NCSNError(f"guidance classifier cache {path} is truncated or not a cache of this code "
-                        f"({type(e).__name__}); delete it to train the classifier again") from e
-    if not isinstance(cache, dict) or cache.get("format") != CACHE_FORMAT or \
-            not {"model", "fingerprint", "sigmas", "test_accuracy_per_level"} <= set(cache):
-        raise NCSNError(f"guidance classifier cache {path} is not a cache of this code (format {CACHE_FORMAT}); "
-                        f"delete it to train the classifier again")
+    cache = read_cache(path, ("model", "fingerprint", "sigmas", "test_accuracy_per_level"), "guidance classifier",
+                       CACHE_FORMAT)
     if cache["fingerprint"] != fingerprint:
         log.info("guidance classifier cache %s was made by other code, settings or noise levels: training it "
                  "again", path)
@@ -303,54 +294,27 @@ def asked_digits(digit, n):
     return torch.full((n,), int(digit), dtype=torch.long)  # (n,)
 
 
-def guidance_scale(args, config):
-    """w: --guidance_scale when given, else sampling.guidance_scale; --digit needs it above 0."""
-    w = args.guidance_scale if args.guidance_scale is not None else config.sampling.guidance_scale
+def guidance_scale(scale, digit, config):
+    """w: `scale` (--guidance_scale) when given, else sampling.guidance_scale; asking for `digit` needs it above 0."""
+    w = scale if scale is not None else config.sampling.guidance_scale
     if w <= 0:
-        raise NCSNError(f"--digit {args.digit} needs a guidance scale above 0 (sampling.guidance_scale is "
+        raise NCSNError(f"--digit {digit} needs a guidance scale above 0 (sampling.guidance_scale is "
                         f"{config.sampling.guidance_scale}): pass --guidance_scale W, e.g. 5 "
                         f"(docs/results.md#what-the-guidance-scale-w-buys)")
     return w
 
 
-def digit_guide(args, device):
+def digit_guide(digit, scale, device):
     """--sample --digit D|all: the `guide` that runner.sample calls with (run config, score function, sigmas)
-    once the run is loaded. It returns score_for_batch(start, stop), the guided score of samples
-    start..stop, and the grid's row length (n / 10 for --digit all, one row per digit; None: square)."""
+    once the run is loaded, for `digit` ("0".."9" or "all") at the guidance scale `scale` (None: the config's).
+    It returns score_for_batch(start, stop), the guided score of samples start..stop, and the grid's row length
+    (n / 10 for "all", one row per digit; None: square)."""
     def guide(config, score_fn, sigmas):
-        w = guidance_scale(args, config)
+        w = guidance_scale(scale, digit, config)
         n = config.sampling.n_samples
-        digits = asked_digits(args.digit, n).to(device)  # (n,)
+        digits = asked_digits(digit, n).to(device)  # (n,)
         classifier = get_guidance_classifier(config, sigmas, device)
-        log.info("guidance: digit %s, scale w = %g", args.digit, w)
+        log.info("guidance: digit %s, scale w = %g", digit, w)
         return (lambda start, stop: guided_score_fn(score_fn, classifier, digits[start:stop], w),
-                n // N_DIGITS if args.digit == "all" else None)
+                n // N_DIGITS if digit == "all" else None)
     return guide
-
-
-def main(argv=None):
-    """python guidance.py --doc NAME: train (or load) the guidance classifier of run NAME's noise levels and
-    print its test accuracy per level; --sample --digit would otherwise train it on first use."""
-    from common import Run
-    from checkpoint import checkpoint_config, load_checkpoint
-    from progress import setup_logging
-    from runner import get_sigmas
-
-    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    p.add_argument("--run", default="run", help="output root of the run")
-    p.add_argument("--doc", required=True, help="the run whose noise levels the classifier is for")
-    args = p.parse_args(argv)
-    setup_logging("info")
-    try:
-        run = Run(args.run, args.doc)
-        config = checkpoint_config(load_checkpoint(run.ckpt_path), run.ckpt_path)
-        get_guidance_classifier(config, get_sigmas(config.model.sigma_begin, config.model.sigma_end,
-                                                   config.model.num_classes), "cpu")
-    except NCSNError as e:
-        log.error("%s", e)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

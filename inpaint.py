@@ -5,10 +5,11 @@ import time
 
 import torch
 
-from common import NCSNError, Run, chosen_checkpoint, derive_seed, output_paths
-from progress import Progress
+from common import NCSNError, derive_seed
 from data import dequantize, load_mnist
-from runner import anneal_langevin_dynamics, initial_samples, output_folder, read_trained, trained_network
+from progress import Progress
+from rundir import output_paths
+from runner import anneal_langevin_dynamics, initial_samples, read_trained, trained_network
 
 log = logging.getLogger("ncsn")
 MASKS = ("bottom", "right", "square", "random")
@@ -34,12 +35,13 @@ def inpainting_mask(kind, shape, generator=None, device="cpu"):
     return known
 
 
-def inpaint(args, config, device, kind):
-    """Complete test digits with `kind` of region hidden; writes inpaint_<kind>.png into -o with three rows:
-    the originals, what the sampler sees (hidden pixels grey), the completions. Every random choice (the
-    digits, their dequantization, the mask, the noise) follows --seed."""
-    run, device = Run.from_args(args), torch.device(device)
-    ckpt_path = chosen_checkpoint(run, args.ckpt)
+def inpaint(config, device, kind, seed, ckpt_path, out_folder, overwrite=False):
+    """Complete test digits with `kind` of region hidden, with the checkpoint file `ckpt_path` (`config`, or None
+    for the checkpoint's, gives the sampling settings: runner.read_trained); writes inpaint_<kind>.png into
+    `out_folder` (replacing it only with `overwrite`) with three rows: the originals, what the sampler sees (hidden
+    pixels grey), the completions. Every random choice (the digits, their dequantization, the mask, the noise)
+    follows `seed`."""
+    device = torch.device(device)
     run_cfg, ckpt = read_trained(ckpt_path, config)
     scfg = run_cfg.sampling
     if run_cfg.data.logit_transform:
@@ -47,10 +49,10 @@ def inpaint(args, config, device, kind):
     if scfg.sampler != "langevin":
         raise NCSNError("--inpaint runs annealed Langevin dynamics only: set sampling.sampler: langevin")
     n = min(scfg.n_samples, N_DIGITS)
-    score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, args.seed, n)
-    names = output_paths(output_folder(args, run, "inpaint"), [f"inpaint_{kind}.png"], args.overwrite)
-    cpu = torch.Generator().manual_seed(derive_seed(args.seed, "inpaint"))
-    generator = torch.Generator(device).manual_seed(args.seed)
+    score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, seed, n)
+    names = output_paths(out_folder, [f"inpaint_{kind}.png"], overwrite)
+    cpu = torch.Generator().manual_seed(derive_seed(seed, "inpaint"))
+    generator = torch.Generator(device).manual_seed(seed)
     test_u8 = load_mnist(run_cfg.data.root, train=False)
     idx = torch.randperm(len(test_u8), generator=cpu)[:n]
     known = dequantize(test_u8[idx], cpu).to(device)  # (n, 1, 28, 28)

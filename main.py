@@ -1,4 +1,5 @@
-"""Command line for NCSN on MNIST: flags + YAML config -> a read-only namespace -> the runner.
+"""Command line for NCSN on MNIST: flags + YAML config -> one read-only config and plain values (the run, the seed,
+the checkpoint file, the output folder) -> the module of the command. The only module that reads the flags.
 
     python main.py --config config.yml --doc mnist               # train into run/logs/mnist
     python main.py --doc mnist --resume_training                 # continue it, with its own config.yml
@@ -170,22 +171,97 @@ def write_traceback(args, argv):
     return path
 
 
+def resume_command(args):
+    """The command that continues this run, as the user can paste it (messages of training say it)."""
+    import shlex
+    words = ["python", "main.py"] + (["--run", args.run] if args.run != "run" else []) + ["--doc", args.doc]
+    words += (["--device", args.device] if args.device != "auto" else []) + (["--deterministic"] if args.deterministic
+                                                                            else [])
+    return shlex.join(words + ["--resume_training"])
+
+
+def describe(args):
+    """This command's flags in one line, key=value each: what the run's stdout.txt records of it."""
+    return " ".join(f"{k}={v}" for k, v in vars(args).items())
+
+
+def show_config(args):
+    """--show_config: print the resolved config, defaults included (no torch needed); exit status 2 for a bad one."""
+    try:
+        config = resolve_config(args)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    import yaml
+    sys.stdout.write(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return 0
+
+
+def start(args, distributed):
+    """The device of this command, with the process group of torchrun set up when `distributed` (rank 0 speaks for
+    the run) and --deterministic applied; logged in one line."""
+    import torch
+    import devices
+
+    device = devices.resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")) if distributed else None)
+    if distributed:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))
+        if torch.distributed.get_rank() != 0:
+            log.setLevel(max(log.level, logging.WARNING))  # rank 0 speaks for the run
+    log.info("device %s (--device %s), torch %s, seed %d%s%s", device, args.device, torch.__version__, args.seed,
+             f", {torch.distributed.get_world_size()} processes" if distributed else "",
+             f", comment: {args.comment}" if args.comment else "")
+    devices.set_deterministic(args.deterministic)
+    return device
+
+
+def run_command(args, config, device):
+    """Hand the command to its module with the values it needs (the run, the seed, the checkpoint file, the output
+    folder); returns its exit status. No module below this one sees the flags."""
+    from common import chosen_checkpoint
+    from rundir import Run, output_folder
+
+    if args.noise_design:
+        import noise
+        return noise.noise_design(config)
+    run = Run.from_distributed(args.run, args.doc)
+    if args.import_authors:
+        import authors
+        return authors.import_authors(args.import_authors, run, args.seed)
+    ckpt_path = chosen_checkpoint(run, args.ckpt) if args.mode in SAMPLE_MODES else None
+    if args.inpaint:
+        import inpaint
+        return inpaint.inpaint(config, device, args.inpaint, args.seed, ckpt_path,
+                               output_folder(run, args.image_folder, args.ckpt, kind="inpaint"), args.overwrite)
+    if args.eval:
+        import evaluate
+        return evaluate.evaluate(config, run, device, args.seed, ckpt_path)
+    import runner
+    if args.sample:
+        guide = None
+        if args.digit is not None:
+            import guidance
+            guide = guidance.digit_guide(args.digit, args.guidance_scale, device)
+        return runner.sample(config, run, device, args.seed, ckpt_path,
+                             output_folder(run, args.image_folder, args.ckpt, args.digit), args.overwrite, guide)
+    hook = None
+    if config.eval.every_snapshots:
+        import evaluate
+        hook = evaluate.TrainingMetrics(config)
+    return runner.train(config, run, device, args.seed, args.resume_training, hook, resume_command(args),
+                        describe(args))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     setup_logging(args.verbose, args.progress)
     if args.show_config:  # no torch needed
-        try:
-            config = resolve_config(args)
-        except ConfigError as e:
-            log.error("%s", e)
-            return 2
-        import yaml
-        sys.stdout.write(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-        return 0
+        return show_config(args)
     import torch  # imported here so that `--help` and config errors answer at once
-    import devices
-    import runner
     from common import Interrupted, NCSNError
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun with several processes
@@ -195,42 +271,9 @@ def main(argv=None):
             log.info("--set %s", " ".join(args.set))
         if args.verify:
             import checkpoint
-            return checkpoint.verify_run(args)
-        device = devices.resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")) if distributed else None)
-        if distributed:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                                 timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))
-            if torch.distributed.get_rank() != 0:
-                log.setLevel(max(log.level, logging.WARNING))  # rank 0 speaks for the run
-        log.info("device %s (--device %s), torch %s, seed %d%s%s", device, args.device, torch.__version__, args.seed,
-                 f", {torch.distributed.get_world_size()} processes" if distributed else "",
-                 f", comment: {args.comment}" if args.comment else "")
-        devices.set_deterministic(args.deterministic)
-        if args.import_authors:
-            import authors
-            return authors.import_authors(args)
-        if args.noise_design:
-            import noise
-            return noise.noise_design(config)
-        if args.inpaint:
-            import inpaint
-            return inpaint.inpaint(args, config, device, args.inpaint)
-        if args.eval:
-            import evaluate
-            return evaluate.evaluate(args, config, device)
-        if args.sample:
-            guide = None
-            if args.digit is not None:
-                import guidance
-                guide = guidance.digit_guide(args, device)
-            return runner.sample(args, config, device, guide=guide)
-        hook = None
-        if config.eval.every_snapshots:
-            import evaluate
-            hook = evaluate.TrainingMetrics(config)
-        return runner.train(args, config, device, on_snapshot=hook)
+            from rundir import Run
+            return checkpoint.verify_run(Run(args.run, args.doc))
+        return run_command(args, config, start(args, distributed))
     except ConfigError as e:
         log.error("%s", e)
         return 2

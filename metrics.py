@@ -176,11 +176,18 @@ def fit_classifier(model, n, batch_loss, generator, epochs, batch_size, lr, max_
 _MAKERS = (DigitClassifier, random_shift, to_unit, train_classifier, fit_classifier)  # the code that makes it
 
 
-def classifier_fingerprint():
-    """sha256 of the code and settings that make the cached classifier; a change means retraining."""
-    parts = [inspect.getsource(f) for f in _MAKERS]
-    parts.append(json.dumps({"format": CACHE_FORMAT, **TRAIN_SETTINGS}, sort_keys=True))
+def code_fingerprint(makers, settings):
+    """sha256 of the source of `makers` (the functions and classes that make a cached classifier) and of the dict
+    `settings` (as sorted JSON): a cache whose fingerprint differs was made otherwise and is trained again. This
+    module's classifier and guidance.py's both fingerprint their caches here."""
+    parts = [inspect.getsource(f) for f in makers]
+    parts.append(json.dumps(settings, sort_keys=True))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def classifier_fingerprint():
+    """The fingerprint of the code and settings that make the cached DigitClassifier."""
+    return code_fingerprint(_MAKERS, {"format": CACHE_FORMAT, **TRAIN_SETTINGS})
 
 
 def _writable(folder):
@@ -204,17 +211,18 @@ def cache_places(data_root, name, fallback):
     return [primary], primary
 
 
-def read_cache(path):
-    """The cache dict at `path` (torch.load with weights_only=True); a one-line NCSNError if unreadable."""
+def read_cache(path, keys=("model", "fingerprint", "test_accuracy"), what="classifier", fmt=CACHE_FORMAT):
+    """The classifier cache dict at `path` (torch.load with weights_only=True, onto the CPU), checked to be of
+    format `fmt` and to hold `keys`; a one-line NCSNError naming `what` if it is unreadable or not such a cache.
+    Both caches are read here: this module's (the defaults) and guidance.py's."""
     try:
         cache = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file raises one of several types
         first = str(e).splitlines()[0] if str(e) else ""
-        raise NCSNError(f"classifier cache {path} is truncated or not a cache of this code ({type(e).__name__}: "
+        raise NCSNError(f"{what} cache {path} is truncated or not a cache of this code ({type(e).__name__}: "
                         f"{first}); delete it to train the classifier again") from e
-    if not isinstance(cache, dict) or cache.get("format") != CACHE_FORMAT or not {"model", "fingerprint",
-                                                                                   "test_accuracy"} <= set(cache):
-        raise NCSNError(f"classifier cache {path} is not a cache of this code (format {CACHE_FORMAT}); "
+    if not isinstance(cache, dict) or cache.get("format") != fmt or not set(keys) <= set(cache):
+        raise NCSNError(f"{what} cache {path} is not a cache of this code (format {fmt}); "
                         f"delete it to train the classifier again")
     return cache
 
@@ -266,7 +274,7 @@ def get_classifier(data_root, device, cache_path=None):
 
 
 def classifier_on_every_rank(data_root, device, run):
-    """get_classifier on each rank of `run` (common.Run) with one training at most: rank 0 gets it first (training and
+    """get_classifier on each rank of `run` (rundir.Run) with one training at most: rank 0 gets it first (training and
     caching it where there is no cache) while the others wait at a barrier (within main.COLLECTIVE_TIMEOUT_MIN),
     then they read the cache."""
     classifier = get_classifier(data_root, device) if run.rank == 0 else None

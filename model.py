@@ -314,7 +314,7 @@ class CondRefineNetDilated(nn.Module):
 
     def eager(self):
         """Undo compile() and compile_norms(): every later call runs the plain modules (the same function). For a
-        compile that cannot build its kernels on this machine (runner.compile_model)."""
+        compile that cannot build its kernels on this machine (build.compile_model)."""
         self._compiled_call_impl = None  # what nn.Module.compile() set
         for m in self.modules():
             if isinstance(m, CondInstanceNormPlus):

@@ -2,12 +2,13 @@
 
 Read top to bottom: the method's pure functions (`dsm_loss`, eq. 5 and 6 of Song & Ermon, 2019;
 `anneal_langevin_dynamics`, their Algorithm 1; `consistent_annealed_sampling`, the optional sampler of
-Jolicoeur-Martineau et al., 2021), the network as the method calls it, the training loop (`train`) and the
-sampling command (`sample`). Checkpoints and resume are in checkpoint.py.
+Jolicoeur-Martineau et al., 2021; EMA), the training loop (`train` with its `TrainState` and `Bookkeeping`) and
+sampling (`sample`). Every function takes plain values: main.py reads the flags. The network, its score function
+and the optimizer are built in build.py, the run folder and what is written into it are rundir.py's, the
+checkpoint file and resume's checks are checkpoint.py's.
 """
 import copy
 import dataclasses
-import io
 import logging
 import math
 import os
@@ -16,17 +17,17 @@ import time
 
 import numpy as np
 import torch
-import yaml
 
 import devices
+from build import compile_model, make_model, make_optimizer, make_score_fn, warm_up_sampling, warm_up_training
 from checkpoint import (check_resumable, checkpoint_config, latest_checkpoint, load_checkpoint, load_model_state,
                         make_checkpoint, restore, save_checkpoint)
-from common import (NCSNError, Interrupted, Run, atomic_save_image, atomic_torch_save, atomic_write_bytes,
-                    chosen_checkpoint, derive_seed, numbered_snapshots, output_paths)
-from data import MNIST_MEAN, batch_noise, data_space, dequantize, epoch_permutation, load_mnist, logit_transform
-from model import CondRefineNetDilated
+from common import NCSNError, Interrupted, derive_seed, numbered_snapshots
+from data import (MNIST_MEAN, batch_noise, data_space, dequantize, dsm_noise, epoch_permutation, load_mnist,
+                  logit_transform)
 from progress import EarlyLog, Progress, duration
-from schema import ConfigError, config_to_dict
+from rundir import Run, StopSignals, make_run_folders, output_paths, write_samples, write_snapshot_grid
+from schema import ConfigError
 
 log = logging.getLogger("ncsn")
 
@@ -51,16 +52,13 @@ def config_sigmas(config):
 def dsm_loss(score_fn, x, sigmas, generator=None, labels=None, anneal_power=2.0, z=None):
     """Denoising score matching loss per sample, eq. (5) and (6) of the paper.
 
-    For each sample a level i ~ U{0..L-1} (unless `labels` is given) and z ~ N(0, I):
+    For each sample a level i ~ U{0..L-1} and z ~ N(0, I), drawn by data.dsm_noise unless given:
         x~ = x + sigma_i z,    l_i = 1/2 ||s(x~, i) + z / sigma_i||^2 * sigma_i ** anneal_power
     (the target -(x~ - x) / sigma_i^2 is -z / sigma_i). Returns (loss (B,), labels (B,)); the training
     objective is loss.mean(). Randomness comes only from `generator` (or the labels and z given).
     """
-    if labels is None:
-        labels = torch.randint(len(sigmas), (x.shape[0],), generator=generator, device=x.device)  # (B,)
+    labels, z = dsm_noise(generator, x.shape, len(sigmas), x.device, labels, z, dtype=x.dtype)  # (B,), like x
     sigma = sigmas.to(x.device)[labels].view(-1, *([1] * (x.dim() - 1)))  # (B, 1, 1, 1)
-    if z is None:
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # (B, 1, 28, 28)
     x_tilde = x + sigma * z
     score = score_fn(x_tilde, labels).float()  # (B, 1, 28, 28)
     loss = 0.5 * ((score + z / sigma) ** 2).flatten(1).sum(1) * sigma.flatten() ** anneal_power  # (B,)
@@ -220,174 +218,7 @@ def make_ema(model):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The network as the method calls it
-
-def make_model(config, device):
-    model = CondRefineNetDilated(ngf=config.model.ngf, num_classes=config.model.num_classes,
-                                 channels=config.data.channels, logit_transform=config.data.logit_transform,
-                                 fast_kernels=config.fast.fast_kernels).to(device)
-    return model.to(memory_format=memory_format(config))
-
-
-# What compiling buys the quick recipe's network (ngf 8) on a 2-core CPU, from bench/quick_speed.py (docs/speed.md):
-# a training step with CIN++ compiled against the eager one, channels_last both (AVX-512 1.44x, AVX2 1.45x).
-COMPILE_GAIN = "a training step about 1.4x, a sampling step about 1.2x"
-
-
-def compile_model(model, config, warm_up):
-    """torch.compile the network in place when fast.compile is on (or only its CIN++ and ELU with fast.compile_norms):
-    its parameters and state_dict keys stay the plain module's (so checkpoints and EMA see it as it is). Then
-    warm_up(model) calls it as the command will (a training step's forward and backward, or a sampling evaluation),
-    so that every kernel is built now, before the first real step. Where they cannot be built (no C++ compiler, a
-    broken one, another inductor failure) the network runs eagerly, the same function, with one warning; nothing
-    fails later. Returns the speed path in words, for the log."""
-    switch = "fast.compile" if config.fast.compile else "fast.compile_norms" if config.fast.compile_norms else None
-    if switch is None:
-        return "eager"
-    if config.fast.compile:
-        model.compile(dynamic=False)  # a static graph per batch size: symbolic shapes compile far slower
-    else:
-        model.compile_norms(dynamic=False)
-    try:
-        warm_up(model)
-    except Exception as e:
-        if not compile_failure(e):
-            raise
-        model.eager()
-        why = " ".join(str(e).split("\n")[0].split())[:160] or type(e).__name__
-        log.warning("%s is on, but torch.compile cannot build its kernels here (%s): running eagerly, the same "
-                    "function, slower (quick recipe: %s; docs/speed.md); --set %s=false runs eagerly without this "
-                    "warning", switch, why, COMPILE_GAIN, switch)
-        return f"eager ({switch} could not build its kernels)"
-    return "the whole network compiled (fast.compile)" if config.fast.compile else \
-        "CIN++ and its ELU compiled (fast.compile_norms)"
-
-
-def compile_failure(e):
-    """Whether the exception `e` comes from building compiled kernels (dynamo, inductor, the C++ compiler), not from
-    the network itself."""
-    import subprocess
-    from torch._dynamo.exc import TorchDynamoException
-    from torch._inductor.exc import CppCompileError
-    return isinstance(e, (TorchDynamoException, CppCompileError, subprocess.CalledProcessError))
-
-
-def warm_up_training(config, device, batch):
-    """The warm_up of compile_model for training: one forward and backward at the batch a step will use (zeros in,
-    gradients cleared after); no random number is drawn, so the run is the same as without it."""
-    def warm_up(model):
-        shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
-        x, labels = torch.zeros(shape, device=device), torch.zeros(batch, dtype=torch.long, device=device)
-        score_fn = make_score_fn(model, config, device, torch.ones(config.model.num_classes, device=device))
-        score_fn(x, labels).float().sum().backward()
-        model.zero_grad(set_to_none=True)
-    return warm_up
-
-
-def warm_up_sampling(config, device, batch):
-    """The warm_up of compile_model for sampling: one evaluation under inference_mode at the first batch's size."""
-    def warm_up(model):
-        shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
-        score_fn = make_score_fn(model, config, device, torch.ones(config.model.num_classes, device=device))
-        with torch.inference_mode():
-            score_fn(torch.zeros(shape, device=device), torch.zeros(batch, dtype=torch.long, device=device))
-    return warm_up
-
-
-def memory_format(config):
-    return torch.channels_last if config.fast.channels_last else torch.contiguous_format
-
-
-def autocast(config, device):
-    """bf16 autocast for the network when fast.bf16 is on and the device has it (the weights stay fp32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=config.fast.bf16 and devices.bf16_autocast_ok(device))
-
-
-def make_score_fn(model, config, device, sigmas):
-    """s(x, i) as the sampler and the loss call it: the model under the configured precision, divided by
-    sigma_i when model.scale_by_sigma is on."""
-    def score_fn(x, labels):  # x (B, 1, 28, 28), labels (B,)
-        with autocast(config, device):
-            out = model(x.contiguous(memory_format=memory_format(config)), labels)
-        return out / sigmas[labels].view(-1, 1, 1, 1) if config.model.scale_by_sigma else out
-    return score_fn
-
-
-def make_optimizer(config, model):
-    return torch.optim.Adam(model.parameters(), lr=config.optim.lr, betas=(config.optim.beta1, 0.999),
-                            weight_decay=config.optim.weight_decay, amsgrad=config.optim.amsgrad,
-                            fused=True if config.fast.fused_adam and devices.fused_adam_ok(
-                                next(model.parameters()).device) else None)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Training
-
-class StopSignals:
-    """Within `with StopSignals() as stop:`, SIGINT and SIGTERM only set stop.signum; training checks it after
-    each step, writes a checkpoint and stops. Outside the main thread signals are left alone."""
-
-    def __init__(self):
-        self.signum, self._old = None, {}
-
-    def _handler(self, signum, frame):
-        if self.signum is None:
-            log.warning("%s received: stopping after this step", signal.Signals(signum).name)
-        self.signum = signum
-
-    def __enter__(self):
-        try:
-            self._old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:  # not the main thread
-            self._old = {}
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-class NullWriter:
-    """The TensorBoard writer of ranks other than 0."""
-
-    def add_scalar(self, *args, **kwargs):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
-def make_run_folders(run, config, args, device, early_log):
-    """Rank 0 makes the run folder, writes config.yml and logs to stdout.txt (which begins with what `early_log`,
-    a progress.EarlyLog, held of this command); returns the TensorBoard writer (one that writes nothing on other
-    ranks)."""
-    if run.rank != 0:
-        return NullWriter()
-    from tensorboardX import SummaryWriter  # before anything is written: a missing package leaves no folder
-    try:
-        for d in (run.log_dir, run.tb_dir):
-            os.makedirs(d, exist_ok=True)
-        for f in os.listdir(run.log_dir):  # our own temporary files, left by a crash mid-write
-            if ".pth.tmp." in f:
-                os.remove(os.path.join(run.log_dir, f))
-                log.info("removed %s, a checkpoint write cut off by a crash", f)
-        probe = os.path.join(run.log_dir, f".write_test.{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-        with open(os.path.join(run.log_dir, "config.yml"), "w") as f:
-            yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
-    except OSError as e:
-        raise NCSNError(f"cannot write the run folder {run.log_dir}: {e.strerror}") from e
-    early_log.attach(os.path.join(run.log_dir, "stdout.txt"))
-    log.info("run %s: %s", args.doc, " ".join(f"{k}={v}" for k, v in vars(args).items()))
-    log.info("device %s%s, torch %s", device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
-             else "", torch.__version__)
-    return SummaryWriter(run.tb_dir, filename_suffix=f".{time.time_ns()}")  # unique name per writer
-
 
 @dataclasses.dataclass
 class TrainState:
@@ -429,9 +260,11 @@ class TrainState:
         return cls(config, run, device, seed, model, net, ema, optimizer, generator, sigmas,
                    make_score_fn(net, config, device, sigmas), data_space(config)[0], n_total, step)
 
-    def sampling_model(self):
-        """The weights --sample would use: the EMA's when model.ema and sampling.ema are on."""
-        return self.ema if self.ema is not None and self.config.sampling.ema else self.model
+    def sampling_score_fn(self):
+        """s(x, i) of the weights --sample would use, the EMA's when model.ema and sampling.ema are on: what the
+        snapshot grid, the test loss and the metrics hook (evaluate.TrainingMetrics) evaluate."""
+        weights = self.ema if self.ema is not None and self.config.sampling.ema else self.model
+        return make_score_fn(weights, self.config, self.device, self.sigmas)
 
     def checkpoint(self):
         return make_checkpoint(self.config, self.model, self.ema, self.optimizer, self.generator, self.step,
@@ -459,41 +292,36 @@ class TrainState:
         return loss.detach(), labels[own]
 
 
-def resume_command(args):
-    """The command that continues this run, as the user can paste it."""
-    import shlex
-    words = ["python", "main.py"] + (["--run", args.run] if args.run != "run" else []) + ["--doc", args.doc]
-    words += (["--device", args.device] if args.device != "auto" else []) + (["--deterministic"] if args.deterministic
-                                                                            else [])
-    return shlex.join(words + ["--resume_training"])
+RESUME_HINT = "the same call with resume=True"  # how to continue a run when no command line is given
 
 
-def train(args, config, device, on_snapshot=None):
-    """Train (or with --resume_training continue) the run args.doc; `on_snapshot(state, test_u8)` is called on
-    every rank after each numbered snapshot (e.g. evaluate.TrainingMetrics). Stops at the run's last step, or at
-    the first log step past training.max_minutes of this command. Returns the exit status 0."""
-    t_start = time.time()
-    run, device = Run.from_args(args), torch.device(device)
+def train(config, run, device, seed, resume=False, on_snapshot=None, resume_command=RESUME_HINT, command=""):
+    """Train the run `run` (rundir.Run) with the config and seed from step 1, or with `resume` continue it from its
+    newest checkpoint (with that checkpoint's seed). `on_snapshot(state, test_u8)` is called on every rank after
+    each numbered snapshot (e.g. evaluate.TrainingMetrics); `resume_command` is how messages say to continue the
+    run, `command` what stdout.txt records of the command. Stops at the run's last step, or at the first log step
+    past training.max_minutes of this command. Returns the exit status 0."""
+    t_start, device = time.time(), torch.device(device)
     check_training_samplers(config)
-    ckpt = starting_checkpoint(run, config, args.resume_training, args.seed)
+    ckpt = starting_checkpoint(run, config, resume, seed)
     train_u8 = load_mnist(config.data.root, train=True).to(device)  # (N, 28, 28) uint8
     test_u8 = load_mnist(config.data.root, train=False).to(device)  # (N_test, 28, 28) uint8
-    order = EpochOrder(ckpt["seed"] if ckpt else args.seed, len(train_u8), config.training.batch_size, device)
+    order = EpochOrder(ckpt["seed"] if ckpt else seed, len(train_u8), config.training.batch_size, device)
     n_total = min(config.training.n_iters, config.training.n_epochs * order.steps_per_epoch)
     if ckpt is not None and ckpt["step"] >= n_total:
         raise NCSNError(f"the checkpoint is at step {ckpt['step']} and the config ends at step {n_total}: train "
-                        f"further with {resume_command(args)} --set training.n_iters=N (N > {ckpt['step']})")
+                        f"further with {resume_command} --set training.n_iters=N (N > {ckpt['step']})")
     run.barrier()  # every rank has checked the run folder before rank 0 writes into it
     with StopSignals() as signals, EarlyLog() as early:  # SIGINT/SIGTERM from here on: stop after a step
         state = TrainState.create(config, run, device, order.seed, n_total, ckpt)
         deadline = training_deadline(state, t_start)
-        writer = make_run_folders(run, config, args, device, early)
+        writer = make_run_folders(run, config, device, early, command)
         log.info("%s at step %d of %d (%d steps an epoch of %d images, batch %d%s); %d parameters%s",
                  "resuming" if state.step else "training", state.step + 1, n_total, order.steps_per_epoch, order.n,
                  order.batch_size, f" over {run.world} ranks" if run.world > 1 else "",
                  sum(p.numel() for p in state.model.parameters()),
                  f"; budget {config.training.max_minutes:g} min" if deadline else "")
-        book = Bookkeeping(state, writer, signals, deadline, on_snapshot, test_u8, resume_command(args))
+        book = Bookkeeping(state, writer, signals, deadline, on_snapshot, test_u8, resume_command)
         try:
             while state.step < n_total:
                 batch = order.batch(state.step)  # (B,) the global batch
@@ -572,17 +400,13 @@ def sampling_seconds(state, repeats=3):
     times the evaluations of sampling.n_samples, plus SAMPLING_START_SECONDS."""
     cfg, device = state.config, state.device
     batch = min(cfg.sampling.batch_size, cfg.sampling.n_samples)
-    shape = (batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    x, labels = torch.zeros(shape, device=device), torch.zeros(batch, dtype=torch.long, device=device)
-    score_fn = make_score_fn(state.model, cfg, device, state.sigmas)
-    times = []
-    with torch.inference_mode():
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            score_fn(x, labels)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
+    evaluation, times = warm_up_sampling(cfg, device, batch), []  # one evaluation of a batch under inference_mode
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        evaluation(state.model)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
     per_eval = float(np.median(times[1:]))
     evals = (sampler_steps(cfg.sampling, state.sigmas) + cfg.sampling.denoise) * math.ceil(cfg.sampling.n_samples / batch)
     return evals * per_eval + SAMPLING_START_SECONDS, per_eval, evals
@@ -608,27 +432,22 @@ class Bookkeeping:
 
     def after_step(self, loss, levels, batch):
         """The bookkeeping after step state.step with this rank's per-sample loss and levels of its global batch of
-        `batch` images. Returns True when the time
-        budget ends the run here (a numbered checkpoint written); raises Interrupted after a stop signal (a
-        checkpoint written)."""
-        state, tcfg = self.state, self.state.config.training
-        step = state.step
+        `batch` images. Returns True when the time budget ends the run here (a numbered checkpoint written);
+        raises Interrupted after a stop signal (a checkpoint written)."""
+        state, tcfg, step = self.state, self.state.config.training, self.state.step
         self.window.append((step, loss, levels, batch))
         self.progress.update(1)
         snapshot = step % tcfg.snapshot_freq == 0 or step == state.n_total
-        stop, out_of_time = None, False
-        signalled = self.signals.signum and state.run.world == 1  # under DDP the ranks agree at log steps only
-        if step % tcfg.log_freq == 0 or step % tcfg.test_freq == 0 or snapshot or signalled:
-            stop, out_of_time = self.log_step()
+        stop, out_of_time = self.log_step() if self.reads_back(step, snapshot) else (None, False)
         if step % tcfg.test_freq == 0 and state.run.rank == 0:
             loss = test_loss(state, self.test_u8)
             self.writer.add_scalar("test_loss", loss, step)
             log.info("step %d: loss %.4f, test loss %.4f", step, self.last, loss)
-        if snapshot or out_of_time or stop:
+        numbered = snapshot or out_of_time  # the budget ends the run as its last step would
+        if numbered or stop:
             self.writer.flush()
-            save_checkpoint(state.run, state.checkpoint(), numbered=snapshot or out_of_time,
-                            keep_snapshots=tcfg.keep_snapshots)
-        if snapshot or out_of_time:  # the budget ends the run as its last step would
+            save_checkpoint(state.run, state.checkpoint(), numbered=numbered, keep_snapshots=tcfg.keep_snapshots)
+        if numbered:
             self.after_snapshot()
         if stop:
             raise Interrupted(stop, f"{signal.Signals(stop).name} at step {step}: checkpoint written, continue "
@@ -637,6 +456,13 @@ class Bookkeeping:
             log.info("training.max_minutes (%g) reached at step %d of %d: checkpoint written; another budget: %s",
                      tcfg.max_minutes, step, state.n_total, self.resume_command)
         return out_of_time
+
+    def reads_back(self, step, snapshot):
+        """Whether the losses are read back after `step`: at log and test steps, at a snapshot, and at once after a
+        stop signal in a single process (under torchrun the ranks agree on a signal at those steps only)."""
+        tcfg = self.state.config.training
+        signalled = self.signals.signum is not None and self.state.run.world == 1
+        return step % tcfg.log_freq == 0 or step % tcfg.test_freq == 0 or snapshot or signalled
 
     def log_step(self):
         """Read the window's losses back and log them; returns (the stop signal every rank heard of, or None;
@@ -664,20 +490,14 @@ def snapshot_grid(state, writer):
     """training.snapshot_grid samples of the sampling weights with training.snapshot_steps_each Langevin steps
     a level (step_lr by NCSNv2's rule for that T: noise.langevin_step_lr), from a generator of their own (the
     training stream is untouched), into TensorBoard ('snapshot_grid') and <log_dir>/snapshot_grids/."""
-    from torchvision.utils import make_grid, save_image
     cfg, tcfg, sigmas = state.config, state.config.training, state.sigmas
     scfg = snapshot_grid_sampling(cfg, sigmas)
     grid_cfg = dataclasses.replace(cfg, sampling=scfg)
     t0 = time.time()
     g = torch.Generator(state.device).manual_seed(derive_seed(state.seed, "snapshot_grid", state.step))
-    score_fn = make_score_fn(state.sampling_model(), cfg, state.device, state.sigmas)
-    x = draw_samples(score_fn, sigmas, grid_cfg, tcfg.snapshot_grid, g, state.device)
+    x = draw_samples(state.sampling_score_fn(), sigmas, grid_cfg, tcfg.snapshot_grid, g, state.device)
     images = data_space(cfg)[1](x).clamp(0, 1)  # (n, 1, 28, 28)
-    grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=2)  # (3, H, W)
-    writer.add_image("snapshot_grid", grid, state.step)
-    folder = os.path.join(state.run.log_dir, "snapshot_grids")
-    os.makedirs(folder, exist_ok=True)
-    save_image(grid, os.path.join(folder, f"step_{state.step}.png"))
+    writer.add_image("snapshot_grid", write_snapshot_grid(state.run, state.step, images), state.step)
     log.info("step %d: snapshot grid of %d samples (%d network evaluations each) in %.1f s", state.step,
              len(images), sampler_steps(scfg, sigmas) + scfg.denoise, time.time() - t0)
 
@@ -730,9 +550,8 @@ def test_loss(state, test_u8):
     cfg, device = state.config, state.device
     g = torch.Generator(device).manual_seed(derive_seed(state.seed, "test_batch", state.step))
     idx = torch.randint(len(test_u8), (cfg.training.batch_size,), generator=g, device=device)
-    score_fn = make_score_fn(state.sampling_model(), cfg, device, state.sigmas)
     with torch.no_grad():
-        loss, _ = dsm_loss(score_fn, state.to_model(dequantize(test_u8[idx], g)), state.sigmas, g,
+        loss, _ = dsm_loss(state.sampling_score_fn(), state.to_model(dequantize(test_u8[idx], g)), state.sigmas, g,
                            anneal_power=cfg.training.anneal_power)
     return float(loss.mean())
 
@@ -842,19 +661,20 @@ def sampler_steps(scfg, sigmas):
     return len(sigmas) * scfg.n_steps_each
 
 
-def sample(args, config, device, guide=None):
-    """--sample: the chain of sampling.sampler from sampling.init noise with the run's checkpoint; writes into -o
-    samples.png (grid), samples.pt (raw final tensor) and movie.gif (the trajectory).
+def sample(config, run, device, seed, ckpt_path, out_folder, overwrite=False, guide=None):
+    """--sample: the chain of sampling.sampler from sampling.init noise with the checkpoint file `ckpt_path` of the
+    run `run` (rundir.Run), from the generator of `seed`; `config` (or None: the checkpoint's) gives the sampling
+    settings (read_trained). Writes samples.png (grid), samples.pt (raw final tensor) and movie.gif (the
+    trajectory) into `out_folder`, replacing files there only with `overwrite`.
     guide(run config, score_fn, sigmas) -> (score_for_batch, grid row length or None), when given, steers the
     samples (--digit: guidance.digit_guide); it is called before anything is written."""
-    run, device = Run.from_args(args), torch.device(device)
-    ckpt_path = chosen_checkpoint(run, args.ckpt)
+    device = torch.device(device)
     run_cfg, ckpt = read_trained(ckpt_path, config)
     scfg = run_cfg.sampling
     lo, hi = run.shard(scfg.n_samples)  # under torchrun each rank draws its share, with its own seed
-    score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, args.seed, min(scfg.batch_size, hi - lo))
+    score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, seed, min(scfg.batch_size, hi - lo))
     score_for_batch, nrow = guide(run_cfg, score_fn, sigmas) if guide is not None else (None, None)
-    names = output_paths(output_folder(args, run), ["samples.png", "samples.pt", "movie.gif"], args.overwrite)
+    names = output_paths(out_folder, ["samples.png", "samples.pt", "movie.gif"], overwrite)
     total = sampler_steps(scfg, sigmas)
     frame_steps = set(np.linspace(1, total, min(scfg.n_frames, total)).round().astype(int).tolist())
     n_grid = min(scfg.n_samples, scfg.batch_size, 100)
@@ -868,7 +688,7 @@ def sample(args, config, device, guide=None):
 
     t0 = time.time()
     own_batch = None if score_for_batch is None else lambda a, b: score_for_batch(lo + a, lo + b)  # global indices
-    samples = draw_samples(score_fn, sigmas, run_cfg, hi - lo, sampling_generator(run, device, args.seed), device,
+    samples = draw_samples(score_fn, sigmas, run_cfg, hi - lo, sampling_generator(run, device, seed), device,
                            callback=record, score_for_batch=own_batch, desc="sample" if run.rank == 0 else None)
     samples = run.gather(samples)
     log.info("sampled %d images in %.1f s", scfg.n_samples, time.time() - t0)
@@ -876,38 +696,3 @@ def sample(args, config, device, guide=None):
         write_samples(samples, frames, names, to_image, nrow)
         log.info("wrote %s", ", ".join(names.values()))
     return 0
-
-
-def output_folder(args, run, kind="samples"):
-    """-o, or a folder of the run's own (never the repository's images/) named for what is drawn, so that no
-    sampling command writes over another's output: samples/ for --sample of the newest checkpoint,
-    samples_digit3/ for --digit 3, samples_ckpt1000/ for --ckpt 1000 (samples_ckpt1000_digit3/ for both), and
-    inpaint/ (inpaint_ckpt1000/) for --inpaint."""
-    if args.image_folder is not None:
-        return args.image_folder
-    name = kind
-    if args.ckpt is not None:
-        name += "_ckpt" + (args.ckpt if args.ckpt.isdigit() else
-                           os.path.splitext(os.path.basename(os.path.normpath(args.ckpt)))[0])
-    if getattr(args, "digit", None) is not None:
-        name += f"_digit{args.digit}"
-    return os.path.join(run.log_dir, name)
-
-
-def write_samples(samples, frames, names, to_image, nrow=None):
-    """The grid PNG (rows of `nrow` images; default a square), the raw tensor and the GIF of the trajectory
-    frames."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    hint = "free space there or write to another -o"  # each file whole or not there, no temporary one left
-    images = to_image(samples).clamp(0, 1)
-    atomic_save_image(images, names["samples.png"], hint, nrow=nrow or math.ceil(math.sqrt(len(images))), padding=2)
-    atomic_torch_save(samples, names["samples.pt"], hint)
-    nrow = math.ceil(math.sqrt(len(frames[0])))
-    pil = [Image.fromarray(make_grid(f, nrow=nrow, padding=2)[0].mul(255).round().byte().numpy(), mode="L")
-           for f in frames]
-    gif = io.BytesIO()
-    pil[0].save(gif, format="GIF", save_all=True, append_images=pil[1:], duration=[60] * (len(pil) - 1) + [2000],
-                loop=0)
-    atomic_write_bytes(names["movie.gif"], gif.getvalue(), hint)

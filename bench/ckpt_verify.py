@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+import build  # noqa: E402
 import checkpoint  # noqa: E402
 import runner  # noqa: E402
 from common import atomic_torch_save  # noqa: E402
@@ -27,9 +28,9 @@ def make_file(config_path, folder):
     """checkpoint.pth of an ngf-64 run after one Adam step (moments filled), as training writes it."""
     cfg = load_config(config_path)
     torch.manual_seed(0)
-    model = runner.make_model(cfg, torch.device("cpu"))
+    model = build.make_model(cfg, torch.device("cpu"))
     ema = runner.make_ema(model) if cfg.model.ema else None
-    optimizer = runner.make_optimizer(cfg, model)
+    optimizer = build.make_optimizer(cfg, model)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     optimizer.step()

@@ -12,6 +12,11 @@ grids (<digit>_w<w>.png, "all" one row per digit) and results.json go to -o, whi
 unless --overwrite is given. FID of 100 samples against ~1,000 images of one digit is biased upwards as every
 FID of few samples is (docs/results.md#how-to-read-these-pages): compare rows with each other, not with the
 10-digit rows.
+
+    .venv/bin/python bench/guidance.py --doc quick --classifier_only
+
+trains (or loads from its cache) the guidance classifier of the run's noise levels ahead of time, which the first
+--sample --digit would otherwise train, and logs its test accuracy per level (docs/results.md#the-guidance-classifier).
 """
 import argparse
 import dataclasses
@@ -26,13 +31,15 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
+import checkpoint  # noqa: E402
 import devices  # noqa: E402
 import guidance  # noqa: E402
 import main as cli  # noqa: E402
 import metrics  # noqa: E402
 import runner  # noqa: E402
-from common import NCSNError, Run, output_paths  # noqa: E402
+from common import NCSNError  # noqa: E402
 from data import data_space, load_mnist, load_mnist_labels  # noqa: E402
+from rundir import Run, output_paths  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -48,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace grids already in -o")
     p.add_argument("--device", default="cpu", type=cli.parse_device, metavar="DEVICE",
                    help="auto, cpu, cuda, cuda:N or mps; default cpu (the rows of docs/results.md are CPU rows)")
+    p.add_argument("--classifier_only", action="store_true",
+                   help="only train (or load) the guidance classifier of the run's noise levels and log its test "
+                        "accuracy per level")
     return p.parse_args(argv)
 
 
@@ -57,6 +67,16 @@ def score_row(images, asked, judge, reference):
     _, probs = metrics.classify(judge, images)  # (N, 10)
     result["asked_share"] = float((torch.from_numpy(probs.argmax(1)) == asked).float().mean())
     return result
+
+
+def classifier_only(run_root, doc, data_root=None):
+    """The guidance classifier of run `doc`'s noise levels (runner.config_sigmas of its checkpoint's config), trained
+    on the CPU or loaded from its cache; guidance.get_guidance_classifier logs its test accuracy per level."""
+    ckpt_path = Run(run_root, doc).ckpt_path
+    config = checkpoint.checkpoint_config(checkpoint.load_checkpoint(ckpt_path), ckpt_path)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=data_root or config.data.root))
+    guidance.get_guidance_classifier(config, runner.config_sigmas(config), "cpu")
+    return 0
 
 
 def bench(args):
@@ -109,7 +129,7 @@ def main(argv=None):
     args = parse_args(argv)
     cli.setup_logging("info")
     try:
-        return bench(args)
+        return classifier_only(args.run, args.doc, args.data_root) if args.classifier_only else bench(args)
     except NCSNError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

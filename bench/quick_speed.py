@@ -65,7 +65,7 @@ class Variant:
         self.xs = torch.rand(sample_batch, 1, 28, 28)
         self.ys = torch.full((sample_batch,), 3, dtype=torch.long)
 
-    def score(self, x, y):  # runner.make_score_fn with model.scale_by_sigma
+    def score(self, x, y):  # build.make_score_fn with model.scale_by_sigma
         return self.model(x.contiguous(memory_format=self.mf), y) / self.sigmas[y].view(-1, 1, 1, 1)
 
     def train_step(self):

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import build
 import checkpoint
 import common
 import main
@@ -76,7 +77,7 @@ def test_the_eager_fallback_computes_what_the_compiled_network_does(monkeypatch)
 
     cfg = schema.config_from_dict(tiny_config("unused", **{"fast.compile_norms": True}))
     torch.manual_seed(0)
-    net = runner.make_model(cfg, torch.device("cpu"))
+    net = build.make_model(cfg, torch.device("cpu"))
     x, y = torch.rand(3, 1, 28, 28), torch.tensor([0, 1, 3])
     with torch.no_grad():
         plain = net(x, y)
@@ -86,7 +87,7 @@ def test_the_eager_fallback_computes_what_the_compiled_network_does(monkeypatch)
         raise InductorError(RuntimeError("No working C++ compiler found"), None)
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # dynamo is not needed to see the fallback
-    assert runner.compile_model(net, cfg, broken_compiler) == "eager (fast.compile_norms could not build its kernels)"
+    assert build.compile_model(net, cfg, broken_compiler) == "eager (fast.compile_norms could not build its kernels)"
     assert all(m.fused is None for m in net.modules() if hasattr(m, "fused"))
     with torch.no_grad():
         torch.testing.assert_close(net(x, y), plain)
@@ -95,7 +96,7 @@ def test_the_eager_fallback_computes_what_the_compiled_network_does(monkeypatch)
         raise ValueError("a shape bug, not the compiler")
 
     with pytest.raises(ValueError, match="a shape bug"):
-        runner.compile_model(runner.make_model(cfg, torch.device("cpu")), cfg, broken_network)
+        build.compile_model(build.make_model(cfg, torch.device("cpu")), cfg, broken_network)
 
 
 def test_a_start_that_fails_before_step_1_is_rerun_by_the_same_command(tmp_path, fake_mnist, monkeypatch, capsys):

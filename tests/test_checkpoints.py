@@ -17,8 +17,9 @@ import torch
 
 import checkpoint
 import main
-from common import NCSNError, Run, numbered_snapshots
+from common import NCSNError, numbered_snapshots
 from conftest import CPU, REPO, snapshot_tree, tiny_config, write_config, write_fake_mnist
+from rundir import Run
 
 SETTINGS = {"training.snapshot_freq": 3, "fast.fused_adam": False}  # torch's default Adam: `step` on the CPU
 
@@ -265,8 +266,8 @@ def test_verify_lists_every_snapshot_and_names_the_newest_intact(runs, tmp_path,
 # Where the restored state lives: a "meta" device stands in for a GPU (its tensors have a device, no data)
 
 def restored_on_meta(runs, fused_adam, monkeypatch):
+    import build
     import devices
-    import runner
 
     run = Run(os.path.join(runs[0], "run"), "r")
     ckpt = checkpoint.latest_checkpoint(run)  # as train() reads it for --resume_training
@@ -274,8 +275,8 @@ def restored_on_meta(runs, fused_adam, monkeypatch):
     cfg = checkpoint.checkpoint_config(ckpt, run.ckpt_path)
     cfg = dataclasses.replace(cfg, fast=dataclasses.replace(cfg.fast, fused_adam=fused_adam))
     monkeypatch.setattr(devices, "fused_adam_ok", lambda device: True)
-    model = runner.make_model(cfg, torch.device("meta"))
-    optimizer = runner.make_optimizer(cfg, model)
+    model = build.make_model(cfg, torch.device("meta"))
+    optimizer = build.make_optimizer(cfg, model)
     with warnings.catch_warnings():  # "copying from a non-meta parameter ... is a no-op": meta tensors hold no data
         warnings.filterwarnings("ignore", ".*copying from a non-meta parameter")
         assert checkpoint.restore(ckpt, model, None, optimizer, torch.Generator(), cfg, run.ckpt_path) == 6
@@ -418,7 +419,8 @@ def test_a_full_disk_under_samples_and_metrics_is_one_line_and_leaves_no_tempora
     small, full = tmp_path / "fs", tmp_path / "fs_full"
     os.makedirs(full)
     sample = [*CPU, "--run", os.path.join(runs[0], "run"), "--doc", "r", "--sample", "-o", f"{small}/out"]
-    code = (f"import os, sys; sys.path.insert(0, {REPO!r}); import evaluate, main; from common import Run, NCSNError\n"
+    code = (f"import os, sys; sys.path.insert(0, {REPO!r}); import evaluate, main; from common import NCSNError\n"
+            "from rundir import Run\n"
             f"print('exit', main.main({sample!r}), flush=True)\n"
             f"print('out', sorted(os.listdir({str(small / 'out')!r})))\n"
             f"run = Run({str(full)!r}, 'm'); os.makedirs(run.log_dir)\n"

@@ -113,7 +113,7 @@ def test_precision_switches_are_set_and_logged(tmp_path, fake_mnist, ncsn_log):
 def test_a_missing_fast_path_switch_falls_back_with_one_line(monkeypatch, tmp_path, fake_mnist, capsys):
     """bf16 autocast and fused Adam reported missing (as on some MPS versions): the run trains in fp32 with
     torch's default Adam, and says so once each."""
-    import runner
+    import build
     import schema
 
     devices.bf16_autocast_ok.cache_clear()
@@ -138,7 +138,7 @@ def test_a_missing_fast_path_switch_falls_back_with_one_line(monkeypatch, tmp_pa
         assert err.count("fused Adam is not available on cpu; using torch's default Adam") == 1
         assert "precision on cpu: fp32, bf16 autocast off" in err
         assert made == [None]  # the run's optimiser is torch's default Adam
-        with runner.autocast(schema.config_from_dict(cfg), torch.device("cpu")):
+        with build.autocast(schema.config_from_dict(cfg), torch.device("cpu")):
             assert not torch.is_autocast_enabled("cpu")
     finally:
         devices.bf16_autocast_ok.cache_clear()

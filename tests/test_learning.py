@@ -6,10 +6,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import build
 import main
 import runner
-from common import Run, read_scalars
+from common import read_scalars
 from conftest import CPU, tiny_config, write_config, write_idx
+from rundir import Run
 
 N_ITERS = 100  # enough for clear margins: loss 426 -> 144, cosines 0.86 and 0.78 (150 steps: 106, 0.90, 0.85)
 
@@ -62,8 +64,8 @@ def test_tiny_network_learns_the_score_of_two_patterns(tmp_path):
     run_cfg, trained, sigmas, step = runner.load_trained(ckpt_path, None, device, 0)
     assert step == N_ITERS
     torch.manual_seed(1234)  # the weights the run started from (TrainState.create seeds --seed, then builds)
-    untrained_model = runner.make_model(run_cfg, device).eval()
-    untrained = runner.make_score_fn(untrained_model, run_cfg, device, sigmas)
+    untrained_model = build.make_model(run_cfg, device).eval()
+    untrained = build.make_score_fn(untrained_model, run_cfg, device, sigmas)
     pattern = (torch.from_numpy(a).float() + 0.5) / 256  # the dequantized pattern's mean
     for level in (1, 2):  # sigma 0.22 and 0.046 of 1 ... 0.01
         cos = mean_cosine_to_the_data(trained, pattern, sigmas, level)

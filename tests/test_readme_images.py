@@ -1,4 +1,4 @@
-"""bench/readme_images.py: the README's grid and movie from a --sample folder, as runner.write_samples writes it."""
+"""bench/readme_images.py: the README's grid and movie from a --sample folder, as rundir.write_samples writes it."""
 import os
 import sys
 
@@ -10,7 +10,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import readme_images  # noqa: E402
-import runner  # noqa: E402
+import rundir  # noqa: E402
 
 N_FRAMES, SIDE = 7, 10  # 7 frames of a 10 x 10 grid, as --sample writes 100 samples
 
@@ -24,7 +24,7 @@ def sample_folder(folder):
         level = torch.where(inside.flatten(), 20.0 * (j + 1) / 255, 1.0)  # (100,)
         frames.append(level.view(-1, 1, 1, 1).expand(-1, 1, 28, 28).clone())  # (100, 1, 28, 28)
     names = {n: os.path.join(folder, n) for n in ("samples.png", "samples.pt", "movie.gif")}
-    runner.write_samples(frames[-1], frames, names, lambda x: x)
+    rundir.write_samples(frames[-1], frames, names, lambda x: x)
     return names
 
 

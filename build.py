@@ -1,0 +1,116 @@
+"""Factories that turn a config into the objects a command runs: the score network (in the configured memory
+format, compiled or eager), its score function s(x, i) under the configured precision, and Adam.
+
+Its own module so that training, sampling, --import_authors, the benchmarks and the tests build these the same
+way, and runner.py keeps the method. It imports nothing of runner.py: what runner.py knows of the network comes
+from here.
+"""
+import logging
+
+import torch
+
+import devices
+from model import CondRefineNetDilated
+
+log = logging.getLogger("ncsn")
+
+
+def make_model(config, device):
+    """The score network of `config` (model.py's CondRefineNetDilated) on `device`, in fast.channels_last's layout."""
+    model = CondRefineNetDilated(ngf=config.model.ngf, num_classes=config.model.num_classes,
+                                 channels=config.data.channels, logit_transform=config.data.logit_transform,
+                                 fast_kernels=config.fast.fast_kernels).to(device)
+    return model.to(memory_format=memory_format(config))
+
+
+# What compiling buys the quick recipe's network (ngf 8) on a 2-core CPU, from bench/quick_speed.py (docs/speed.md):
+# a training step with CIN++ compiled against the eager one, channels_last both (AVX-512 1.44x, AVX2 1.45x).
+COMPILE_GAIN = "a training step about 1.4x, a sampling step about 1.2x"
+
+
+def compile_model(model, config, warm_up):
+    """torch.compile the network in place when fast.compile is on (or only its CIN++ and ELU with fast.compile_norms):
+    its parameters and state_dict keys stay the plain module's (so checkpoints and EMA see it as it is). Then
+    warm_up(model) calls it as the command will (a training step's forward and backward, or a sampling evaluation),
+    so that every kernel is built now, before the first real step. Where they cannot be built (no C++ compiler, a
+    broken one, another inductor failure) the network runs eagerly, the same function, with one warning; nothing
+    fails later. Returns the speed path in words, for the log."""
+    switch = "fast.compile" if config.fast.compile else "fast.compile_norms" if config.fast.compile_norms else None
+    if switch is None:
+        return "eager"
+    if config.fast.compile:
+        model.compile(dynamic=False)  # a static graph per batch size: symbolic shapes compile far slower
+    else:
+        model.compile_norms(dynamic=False)
+    try:
+        warm_up(model)
+    except Exception as e:
+        if not compile_failure(e):
+            raise
+        model.eager()
+        why = " ".join(str(e).split("\n")[0].split())[:160] or type(e).__name__
+        log.warning("%s is on, but torch.compile cannot build its kernels here (%s): running eagerly, the same "
+                    "function, slower (quick recipe: %s; docs/speed.md); --set %s=false runs eagerly without this "
+                    "warning", switch, why, COMPILE_GAIN, switch)
+        return f"eager ({switch} could not build its kernels)"
+    return "the whole network compiled (fast.compile)" if config.fast.compile else \
+        "CIN++ and its ELU compiled (fast.compile_norms)"
+
+
+def compile_failure(e):
+    """Whether the exception `e` comes from building compiled kernels (dynamo, inductor, the C++ compiler), not from
+    the network itself."""
+    import subprocess
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import CppCompileError
+    return isinstance(e, (TorchDynamoException, CppCompileError, subprocess.CalledProcessError))
+
+
+def warm_up_training(config, device, batch):
+    """The warm_up of compile_model for training: one forward and backward at the batch a step will use (zeros in,
+    gradients cleared after); no random number is drawn, so the run is the same as without it."""
+    def warm_up(model):
+        shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
+        x, labels = torch.zeros(shape, device=device), torch.zeros(batch, dtype=torch.long, device=device)
+        score_fn = make_score_fn(model, config, device, torch.ones(config.model.num_classes, device=device))
+        score_fn(x, labels).float().sum().backward()
+        model.zero_grad(set_to_none=True)
+    return warm_up
+
+
+def warm_up_sampling(config, device, batch):
+    """The warm_up of compile_model for sampling: one evaluation under inference_mode at the first batch's size."""
+    def warm_up(model):
+        shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
+        score_fn = make_score_fn(model, config, device, torch.ones(config.model.num_classes, device=device))
+        with torch.inference_mode():
+            score_fn(torch.zeros(shape, device=device), torch.zeros(batch, dtype=torch.long, device=device))
+    return warm_up
+
+
+def memory_format(config):
+    """The layout of the network's weights and inputs: channels_last with fast.channels_last, else NCHW."""
+    return torch.channels_last if config.fast.channels_last else torch.contiguous_format
+
+
+def autocast(config, device):
+    """bf16 autocast for the network when fast.bf16 is on and the device has it (the weights stay fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=config.fast.bf16 and devices.bf16_autocast_ok(device))
+
+
+def make_score_fn(model, config, device, sigmas):
+    """s(x, i) as the sampler and the loss call it: the model under the configured precision, divided by
+    sigma_i when model.scale_by_sigma is on."""
+    def score_fn(x, labels):  # x (B, 1, 28, 28), labels (B,)
+        with autocast(config, device):
+            out = model(x.contiguous(memory_format=memory_format(config)), labels)
+        return out / sigmas[labels].view(-1, 1, 1, 1) if config.model.scale_by_sigma else out
+    return score_fn
+
+
+def make_optimizer(config, model):
+    """Adam over the model's parameters with the optim section's settings (fused where devices.use_fused_adam says)."""
+    return torch.optim.Adam(model.parameters(), lr=config.optim.lr, betas=(config.optim.beta1, 0.999),
+                            weight_decay=config.optim.weight_decay, amsgrad=config.optim.amsgrad,
+                            fused=devices.use_fused_adam(config, next(model.parameters()).device))
