@@ -2,7 +2,7 @@
 Models"): the largest noise level, the ratio of consecutive levels, their number and the Langevin step size,
 and the `--noise_design` command that prints them for the training data. Its own module: it chooses the
 config's numbers, and sampling does not call it; training calls `langevin_step_lr` for the step size of the
-snapshot grid (training.snapshot_grid, runner.snapshot_grid)."""
+snapshot grid (training.snapshot_grid, runner.snapshot_grid_sampling)."""
 import math
 import time
 

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import math
 import os
-import signal
 import time
 
 import numpy as np
@@ -21,12 +20,13 @@ import torch
 import devices
 from build import compile_model, make_model, make_optimizer, make_score_fn, warm_up_sampling, warm_up_training
 from checkpoint import (check_resumable, checkpoint_config, latest_checkpoint, load_checkpoint, load_model_state,
-                        make_checkpoint, restore, save_checkpoint)
-from common import NCSNError, Interrupted, derive_seed, numbered_snapshots
+                        make_checkpoint, restore)
+from common import NCSNError, derive_seed, numbered_snapshots
 from data import (MNIST_MEAN, batch_noise, data_space, dequantize, dsm_noise, epoch_permutation, load_mnist,
                   logit_transform)
+from bookkeeping import Bookkeeping, training_deadline
 from progress import EarlyLog, Progress, duration
-from rundir import Run, StopSignals, make_run_folders, output_paths, write_samples, write_snapshot_grid
+from rundir import Run, StopSignals, make_run_folders, output_paths, write_samples
 from schema import ConfigError
 
 log = logging.getLogger("ncsn")
@@ -270,6 +270,34 @@ class TrainState:
         return make_checkpoint(self.config, self.model, self.ema, self.optimizer, self.generator, self.step,
                                self.seed)
 
+    def test_loss(self, test_u8):
+        """DSM loss of the sampling weights on a test batch of `test_u8`; its randomness is a function of (seed,
+        step), so resume needs no state."""
+        cfg, device = self.config, self.device
+        g = torch.Generator(device).manual_seed(derive_seed(self.seed, "test_batch", self.step))
+        idx = torch.randint(len(test_u8), (cfg.training.batch_size,), generator=g, device=device)
+        with torch.no_grad():
+            loss, _ = dsm_loss(self.sampling_score_fn(), self.to_model(dequantize(test_u8[idx], g)), self.sigmas, g,
+                               anneal_power=cfg.training.anneal_power)
+        return float(loss.mean())
+
+    def snapshot_grid(self):
+        """training.snapshot_grid samples of the sampling weights in [0, 1] (n, 1, 28, 28), drawn with
+        training.snapshot_steps_each steps a level (snapshot_grid_sampling) from a generator of their own (the
+        training stream is untouched); and the network evaluations of each."""
+        cfg = self.config
+        scfg = snapshot_grid_sampling(cfg, self.sigmas)
+        g = torch.Generator(self.device).manual_seed(derive_seed(self.seed, "snapshot_grid", self.step))
+        x = draw_samples(self.sampling_score_fn(), self.sigmas, dataclasses.replace(cfg, sampling=scfg),
+                         cfg.training.snapshot_grid, g, self.device)
+        return data_space(cfg)[1](x).clamp(0, 1), sampler_steps(scfg, self.sigmas) + scfg.denoise
+
+    def sampling_evaluations(self):
+        """(network evaluations, batch) of one --sample with this run's sampling settings."""
+        scfg = self.config.sampling
+        batch = min(scfg.batch_size, scfg.n_samples)
+        return (sampler_steps(scfg, self.sigmas) + scfg.denoise) * math.ceil(scfg.n_samples / batch), batch
+
     def train_step(self, images_u8, order):
         """One optimisation step on the global batch `order` (B,) of `images_u8`; returns this rank's
         per-sample loss (b,) and levels (b,). The whole global batch's noise is drawn on every rank, which keeps
@@ -371,137 +399,6 @@ class EpochOrder:
         return self.perm[i * self.batch_size:(i + 1) * self.batch_size]
 
 
-SAMPLING_START_SECONDS = 20  # what --sample spends besides its network evaluations: starting Python and torch,
-#                              reading the checkpoint, writing the PNG, tensor and GIF (about 10 s on a 2-core CPU)
-
-
-def training_deadline(state, t_start):
-    """The time.time() at which training.max_minutes ends this command's training (None: no budget), counted from
-    the command's start `t_start`. With training.budget_includes_sampling the budget covers one --sample of the
-    run too: training stops earlier by the time that sampling is measured to take here (sampling_seconds)."""
-    tcfg = state.config.training
-    if not tcfg.max_minutes:
-        return None
-    deadline = t_start + 60 * tcfg.max_minutes
-    if tcfg.budget_includes_sampling:
-        seconds, per_eval, evals = sampling_seconds(state)
-        deadline -= seconds
-        log.info("training.max_minutes %g covers one --sample too: %d samples take about %s here (%d network "
-                 "evaluations at %.3g s each, + %d s to start and write), so training stops %s after the start",
-                 tcfg.max_minutes, state.config.sampling.n_samples, duration(seconds), evals, per_eval,
-                 SAMPLING_START_SECONDS, duration(deadline - t_start))
-    return deadline
-
-
-def sampling_seconds(state, repeats=3):
-    """(seconds, seconds an evaluation, evaluations) that --sample of this run will take on this machine: its
-    network evaluations at the sampling batch timed on the training network (compiled as --sample compiles it,
-    under inference_mode, the first call building the kernels, which --sample then finds in the compile cache),
-    times the evaluations of sampling.n_samples, plus SAMPLING_START_SECONDS."""
-    cfg, device = state.config, state.device
-    batch = min(cfg.sampling.batch_size, cfg.sampling.n_samples)
-    evaluation, times = warm_up_sampling(cfg, device, batch), []  # one evaluation of a batch under inference_mode
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        evaluation(state.model)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    per_eval = float(np.median(times[1:]))
-    evals = (sampler_steps(cfg.sampling, state.sigmas) + cfg.sampling.denoise) * math.ceil(cfg.sampling.n_samples / batch)
-    return evals * per_eval + SAMPLING_START_SECONDS, per_eval, evals
-
-
-class Bookkeeping:
-    """What the training loop does around the method's step: read the losses back and log them (every
-    training.log_freq steps), progress, the test loss (test_freq), checkpoints (snapshot_freq, the last step, a
-    stop signal, the time budget), the snapshot grid and the on_snapshot hook at each numbered checkpoint.
-    Under torchrun the ranks agree on a stop signal and the budget at log steps (one all-reduce each)."""
-
-    def __init__(self, state, writer, signals, deadline, on_snapshot, test_u8, resume_command):
-        self.state, self.writer, self.signals, self.deadline = state, writer, signals, deadline
-        self.on_snapshot, self.test_u8, self.resume_command = on_snapshot, test_u8, resume_command
-        self.window = []  # (step, per-sample loss, levels, global batch) on the device, read back at log steps
-        self.last = float("nan")  # the loss of the last log step
-        tcfg = state.config.training
-        self.progress = Progress(state.n_total, "train", "steps", initial=state.step, on=state.device,
-                                 enabled=state.run.rank == 0, deadline=deadline, short_hint=(
-                                     f"the run ends short of training.n_iters, and samples less well than a run "
-                                     f"that reaches it; more time: --set training.max_minutes=M (now "
-                                     f"{tcfg.max_minutes:g}), or continue later with --resume_training"))
-
-    def after_step(self, loss, levels, batch):
-        """The bookkeeping after step state.step with this rank's per-sample loss and levels of its global batch of
-        `batch` images. Returns True when the time budget ends the run here (a numbered checkpoint written);
-        raises Interrupted after a stop signal (a checkpoint written)."""
-        state, tcfg, step = self.state, self.state.config.training, self.state.step
-        self.window.append((step, loss, levels, batch))
-        self.progress.update(1)
-        snapshot = step % tcfg.snapshot_freq == 0 or step == state.n_total
-        stop, out_of_time = self.log_step() if self.reads_back(step, snapshot) else (None, False)
-        if step % tcfg.test_freq == 0 and state.run.rank == 0:
-            loss = test_loss(state, self.test_u8)
-            self.writer.add_scalar("test_loss", loss, step)
-            log.info("step %d: loss %.4f, test loss %.4f", step, self.last, loss)
-        numbered = snapshot or out_of_time  # the budget ends the run as its last step would
-        if numbered or stop:
-            self.writer.flush()
-            save_checkpoint(state.run, state.checkpoint(), numbered=numbered, keep_snapshots=tcfg.keep_snapshots)
-        if numbered:
-            self.after_snapshot()
-        if stop:
-            raise Interrupted(stop, f"{signal.Signals(stop).name} at step {step}: checkpoint written, continue "
-                                    f"with: {self.resume_command}")
-        if out_of_time:
-            log.info("training.max_minutes (%g) reached at step %d of %d: checkpoint written; another budget: %s",
-                     tcfg.max_minutes, step, state.n_total, self.resume_command)
-        return out_of_time
-
-    def reads_back(self, step, snapshot):
-        """Whether the losses are read back after `step`: at log and test steps, at a snapshot, and at once after a
-        stop signal in a single process (under torchrun the ranks agree on a signal at those steps only)."""
-        tcfg = self.state.config.training
-        signalled = self.signals.signum is not None and self.state.run.world == 1
-        return step % tcfg.log_freq == 0 or step % tcfg.test_freq == 0 or snapshot or signalled
-
-    def log_step(self):
-        """Read the window's losses back and log them; returns (the stop signal every rank heard of, or None;
-        whether the time budget is spent, on any rank)."""
-        state = self.state
-        self.last = log_losses(self.window, self.writer, state.sigmas, state.run)
-        self.window = []
-        self.progress.note(f"loss {self.last:.4f}")
-        stop = self.signals.signum or signal.SIGTERM if state.run.any_rank(self.signals.signum, state.device) else None
-        spent = self.deadline is not None and time.time() >= self.deadline
-        return stop, state.step < state.n_total and state.run.any_rank(spent, state.device)
-
-    def after_snapshot(self):
-        if self.state.config.training.snapshot_grid and self.state.run.rank == 0:
-            snapshot_grid(self.state, self.writer)
-        if self.on_snapshot is not None:
-            self.on_snapshot(self.state, self.test_u8)  # on every rank: it may use collectives
-
-    def close(self):
-        self.progress.close()
-        self.writer.close()
-
-
-def snapshot_grid(state, writer):
-    """training.snapshot_grid samples of the sampling weights with training.snapshot_steps_each Langevin steps
-    a level (step_lr by NCSNv2's rule for that T: noise.langevin_step_lr), from a generator of their own (the
-    training stream is untouched), into TensorBoard ('snapshot_grid') and <log_dir>/snapshot_grids/."""
-    cfg, tcfg, sigmas = state.config, state.config.training, state.sigmas
-    scfg = snapshot_grid_sampling(cfg, sigmas)
-    grid_cfg = dataclasses.replace(cfg, sampling=scfg)
-    t0 = time.time()
-    g = torch.Generator(state.device).manual_seed(derive_seed(state.seed, "snapshot_grid", state.step))
-    x = draw_samples(state.sampling_score_fn(), sigmas, grid_cfg, tcfg.snapshot_grid, g, state.device)
-    images = data_space(cfg)[1](x).clamp(0, 1)  # (n, 1, 28, 28)
-    writer.add_image("snapshot_grid", write_snapshot_grid(state.run, state.step, images), state.step)
-    log.info("step %d: snapshot grid of %d samples (%d network evaluations each) in %.1f s", state.step,
-             len(images), sampler_steps(scfg, sigmas) + scfg.denoise, time.time() - t0)
-
-
 def snapshot_grid_sampling(config, sigmas):
     """The sampling settings of the snapshot grid: the configured sampler with training.snapshot_steps_each steps
     a level, the batch training.snapshot_grid, and for Langevin dynamics NCSNv2's step_lr for that T
@@ -524,36 +421,6 @@ def check_training_samplers(config):
         check_sampler(snapshot_grid_sampling(config, sigmas), sigmas, ConfigError,
                       f" for the snapshot grid's training.snapshot_steps_each = {config.training.snapshot_steps_each}"
                       f" steps a level (or turn the grid off: training.snapshot_grid: 0)")
-
-
-def log_losses(window, writer, sigmas, run):
-    """Read the window's losses back from the device (summed over ranks: one sync for the window), stop on a
-    non-finite one, write each step's mean over its global batch to TensorBoard; returns the last step's."""
-    sums = torch.stack([loss.sum() for _, loss, _, _ in window])  # (W,)
-    if run.world > 1:
-        torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
-    for (step, loss, labels, batch), total in zip(window, sums.tolist()):
-        value = total / batch
-        if not math.isfinite(value):
-            levels = sorted(set(labels[~torch.isfinite(loss)].tolist()))
-            raise NCSNError(f"non-finite loss at step {step} at noise level(s) "
-                            f"{', '.join(f'{i} (sigma {float(sigmas[i]):.4g})' for i in levels) or '(another rank)'}"
-                            f": stopped; the last good checkpoint is kept")
-        writer.add_scalar("loss", value, step)
-    log.debug("step %d: loss %.5f", window[-1][0], value)
-    return value
-
-
-def test_loss(state, test_u8):
-    """DSM loss of the sampling weights on a test batch; its randomness is a function of (seed, step), so
-    resume needs no state."""
-    cfg, device = state.config, state.device
-    g = torch.Generator(device).manual_seed(derive_seed(state.seed, "test_batch", state.step))
-    idx = torch.randint(len(test_u8), (cfg.training.batch_size,), generator=g, device=device)
-    with torch.no_grad():
-        loss, _ = dsm_loss(state.sampling_score_fn(), state.to_model(dequantize(test_u8[idx], g)), state.sigmas, g,
-                           anneal_power=cfg.training.anneal_power)
-    return float(loss.mean())
 
 
 # ----------------------------------------------------------------------------------------------------------

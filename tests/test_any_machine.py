@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import bookkeeping
 import build
 import checkpoint
 import common
@@ -193,7 +194,7 @@ def test_under_a_budget_the_progress_counts_down_to_it(tmp_path, fake_mnist, mon
 def test_the_budget_leaves_room_for_the_sampling_measured_here(tmp_path, fake_mnist, monkeypatch):
     """training.budget_includes_sampling: the sampling time (the network's evaluations timed at the start, plus the
     start-up allowance) comes off the training budget, and the log says how much."""
-    monkeypatch.setattr(runner, "SAMPLING_START_SECONDS", 176)  # of a 3-minute budget: 4 s and less are left
+    monkeypatch.setattr(bookkeeping, "SAMPLING_START_SECONDS", 176)  # of a 3-minute budget: 4 s and less are left
     slow_steps(monkeypatch, 0.05)
     cfg = tiny_config(fake_mnist, **{"training.n_iters": 10_000, "training.n_epochs": 10_000,
                                      "training.snapshot_freq": 10_000,

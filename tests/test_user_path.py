@@ -39,18 +39,18 @@ def test_the_printed_resume_command_continues_a_stopped_run(tmp_path, fake_mnist
     from the repository), continues the run with its own config to the end. In this process: the SIGINT comes
     from the first numbered snapshot's write, through the real handler (a real process's exit status under
     SIGINT and SIGTERM: tests/test_faults.py)."""
-    import runner
+    import bookkeeping
     run = str(tmp_path / "run")
     argv = [*CPU, "--config", os.path.join(REPO, shipped), "--run", run, "--doc", "q",
             *sets(*TINY_SETS, "training.n_iters=6", f"data.root={fake_mnist}")]
-    save = runner.save_checkpoint
+    save = bookkeeping.save_checkpoint
 
     def save_then_ctrl_c(run_, ckpt, numbered, **kwargs):
         save(run_, ckpt, numbered=numbered, **kwargs)
         if numbered:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(runner, "save_checkpoint", save_then_ctrl_c)
+    monkeypatch.setattr(bookkeeping, "save_checkpoint", save_then_ctrl_c)
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     assert main.main(argv) == 128 + signal.SIGINT
@@ -60,7 +60,7 @@ def test_the_printed_resume_command_continues_a_stopped_run(tmp_path, fake_mnist
     assert words[:2] == ["python", "main.py"], printed
     stopped = ckpt_of(run, "q")["step"]
     assert stopped == 3  # the step after that snapshot's: training stops after the step it is in
-    monkeypatch.setattr(runner, "save_checkpoint", save)
+    monkeypatch.setattr(bookkeeping, "save_checkpoint", save)
     monkeypatch.chdir(REPO)
     assert main.main(words[2:]) == 0
     assert "resuming at step 4 of 6" in capsys.readouterr().err
