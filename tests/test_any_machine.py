@@ -206,8 +206,8 @@ def test_the_budget_leaves_room_for_the_sampling_measured_here(tmp_path, fake_mn
     took = time.time() - t0
     text = "\n".join(m for _, m in lines)
     said = re.search(r"training.max_minutes 3 covers one --sample too: 4 samples take about 2 min (\d+) s here "
-                     r"\((\d+) network evaluations at [\d.e-]+ s each, \+ 176 s to start and write\), so training "
-                     r"stops (\d+) s after the start", text)
+                     r"\((\d+) network evaluations timed at [\d.e-]+ s each, taken 1.5 times, \+ 176 s to start and "
+                     r"write\), so training stops (\d+) s after the start", text)
     assert said and int(said.group(2)) == 4 * 2 and int(said.group(3)) <= 4, text  # 4 levels x 2 steps, 1 batch
     assert took < 10, f"training went on for {took:.0f} s"
     assert "training.max_minutes (3) reached" in text
