@@ -10,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -25,6 +26,11 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads when it starts its thread pool)
 
 torch.set_num_threads(1)
+# Inductor's compile cache does not tell apart kernels built for AVX-512 and for AVX2 (ATEN_CPU_CAPABILITY=avx2
+# emulates the other kind on one machine): a run under one reused the other's and computed garbage. One cache per
+# kind, kept between runs, unless the caller chose a cache.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor_ncsn_tests_{torch.backends.cpu.get_cpu_capability()}"))
 
 # Every test runs on the CPU, also on a host with a GPU: the figures they compare (bitwise resume, the CPU's
 # sample counts, gloo under torchrun) are the CPU's. Each call of main.py passes CPU; the tests that need CUDA
