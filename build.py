@@ -71,10 +71,8 @@ def warm_up_training(config, device, batch):
     """The warm_up of compile_model for training: one forward and backward at the batch a step will use (zeros in,
     gradients cleared after); no random number is drawn, so the run is the same as without it."""
     def warm_up(model):
-        shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
-        x, labels = torch.zeros(shape, device=device), torch.zeros(batch, dtype=torch.long, device=device)
-        score_fn = make_score_fn(model, config, device, torch.ones(config.model.num_classes, device=device))
-        score_fn(x, labels).float().sum().backward()
+        make_score_fn(model, config, device, torch.ones(config.model.num_classes, device=device))(
+            *zeros_batch(config, device, batch)).float().sum().backward()
         model.zero_grad(set_to_none=True)
     return warm_up
 
@@ -82,11 +80,16 @@ def warm_up_training(config, device, batch):
 def warm_up_sampling(config, device, batch):
     """The warm_up of compile_model for sampling: one evaluation under inference_mode at the first batch's size."""
     def warm_up(model):
-        shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
-        score_fn = make_score_fn(model, config, device, torch.ones(config.model.num_classes, device=device))
         with torch.inference_mode():
-            score_fn(torch.zeros(shape, device=device), torch.zeros(batch, dtype=torch.long, device=device))
+            make_score_fn(model, config, device, torch.ones(config.model.num_classes, device=device))(
+                *zeros_batch(config, device, batch))
     return warm_up
+
+
+def zeros_batch(config, device, batch):
+    """(x, levels) of zeros for `batch` images of the config's data: (B, C, H, W) and (B,)."""
+    shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
+    return torch.zeros(shape, device=device), torch.zeros(batch, dtype=torch.long, device=device)
 
 
 def memory_format(config):
