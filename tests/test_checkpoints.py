@@ -463,3 +463,22 @@ def test_a_checkpoint_that_is_not_a_zip_archive_is_not_ours(tmp_path):
     torch.save({"format": 1}, path, _use_new_zipfile_serialization=False)  # torch's format before 1.6
     with pytest.raises(NCSNError, match=r"is not a checkpoint of this code \(not a zip archive\)"):
         checkpoint.load_checkpoint(path)
+
+
+def test_a_member_marked_a_folder_is_damage(runs, tmp_path):
+    """torch's reader loads a zip member whose directory entry carries the DOS folder bit as empty bytes (an Adam step
+    counter came back 0 where it was 3): a flip of that one bit is damage, found by the check."""
+    src = os.path.join(runs[0], "run", "logs", "r", "checkpoint_3.pth")
+    blob = bytearray(open(src, "rb").read())
+    with zipfile.ZipFile(src) as z:
+        info = z.infolist()[-3]  # a tensor's member
+    central = blob.index(b"PK\x01\x02")  # the directory entries: find the one that points at its local header
+    while struct.unpack("<I", blob[central + 42:central + 46])[0] != info.header_offset:
+        central = blob.index(b"PK\x01\x02", central + 4)
+    blob[central + 38] |= 0x10  # external attributes: the folder bit
+    path = tmp_path / "marked.pth"
+    path.write_bytes(bytes(blob))
+    member = info.filename.split("/", 1)[1]
+    assert checkpoint.damage(path) == f"damaged (the zip directory marks {member} a folder)"
+    with pytest.raises(checkpoint.DamagedCheckpoint, match="a folder"):
+        checkpoint.read_checkpoint(path)
