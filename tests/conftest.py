@@ -110,6 +110,20 @@ def graph_counter():
     return backend, graphs
 
 
+def count_compile_norms(monkeypatch):
+    """Make CondRefineNetDilated.compile_norms compile through graph_counter's backend (dynamo's graphs run as they
+    are, no kernels generated) and record its calls: returns (the options of each call, the graphs that ran)."""
+    from model import CondRefineNetDilated
+    calls, (backend, graphs) = [], graph_counter()
+    compile_norms = CondRefineNetDilated.compile_norms
+
+    def counted(self, **options):
+        calls.append(options)
+        return compile_norms(self, **{**options, "backend": backend})
+    monkeypatch.setattr(CondRefineNetDilated, "compile_norms", counted)
+    return calls, graphs
+
+
 def assert_same_weights(expected, actual):
     """The model and EMA weights of two checkpoint dicts: the same keys in the same order, equal to float
     rounding."""

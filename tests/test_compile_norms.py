@@ -6,20 +6,11 @@ import os
 import torch
 
 import main
-from conftest import CPU, assert_same_weights, graph_counter, train_off_and_on
-from model import CondRefineNetDilated
+from conftest import CPU, assert_same_weights, count_compile_norms, train_off_and_on
 
 
 def test_compile_norms_switch_compiles_the_norms_and_changes_nothing_else(monkeypatch, tmp_path, fake_mnist):
-    calls = []
-    compile_norms = CondRefineNetDilated.compile_norms
-    backend, graphs = graph_counter()
-
-    def spy(self, **options):
-        calls.append(options)
-        return compile_norms(self, **{**options, "backend": backend})
-
-    monkeypatch.setattr(CondRefineNetDilated, "compile_norms", spy)
+    calls, graphs = count_compile_norms(monkeypatch)
     try:
         run, ckpts = train_off_and_on(tmp_path, fake_mnist, ["fast.compile_norms", "fast.channels_last"])
         assert calls == [{"dynamic": False}]  # the training network; the EMA copy stays eager

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 import main
-from conftest import CPU, REPO, graph_counter, write_config
+from conftest import CPU, REPO, count_compile_norms, write_config
 from schema import load_config
 
 
@@ -20,17 +20,7 @@ def test_quick_recipe_trains_and_samples_at_a_tiny_size(tmp_path, fake_mnist, mo
     """The recipe's settings, a few steps and a small batch. Its fast.compile_norms goes through a backend that
     runs dynamo's graphs as they are: the graphs are captured as the recipe's are, without inductor's kernel
     generation (half a minute to minutes on a cold cache); inductor's kernels of CIN++ are tests/test_model.py's."""
-    from model import CondRefineNetDilated
-
-    compiled = []
-    compile_norms = CondRefineNetDilated.compile_norms
-    backend, graphs = graph_counter()
-
-    def eager_backend(self, **options):
-        compiled.append(options)
-        return compile_norms(self, **{**options, "backend": backend})
-
-    monkeypatch.setattr(CondRefineNetDilated, "compile_norms", eager_backend)
+    compiled, graphs = count_compile_norms(monkeypatch)
     with open(os.path.join(REPO, "configs", "quick.yml")) as f:
         cfg = yaml.safe_load(f)
     cfg["training"].update(n_iters=4, snapshot_freq=2, test_freq=2, batch_size=16, snapshot_grid=4,
