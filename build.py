@@ -1,16 +1,22 @@
 """Factories that turn a config into the objects a command runs: the score network (in the configured memory
-format, compiled or eager), its score function s(x, i) under the configured precision, and Adam.
+format, compiled or eager), its score function s(x, i) under the configured precision, and Adam; and the network
+of a checkpoint with the config it samples under (`read_trained`, `trained_network`), which --sample, --eval,
+--inpaint, --digit and the benchmarks share.
 
 Its own module so that training, sampling, --import_authors, the benchmarks and the tests build these the same
 way, and runner.py keeps the method. It imports nothing of runner.py: what runner.py knows of the network comes
 from here.
 """
+import dataclasses
 import logging
 
 import torch
 
 import devices
+from checkpoint import checkpoint_config, load_checkpoint, load_model_state
+from common import NCSNError
 from model import CondRefineNetDilated
+from noise import check_sampler, config_sigmas
 
 log = logging.getLogger("ncsn")
 
@@ -118,3 +124,46 @@ def make_optimizer(config, model):
     return torch.optim.Adam(model.parameters(), lr=config.optim.lr, betas=(config.optim.beta1, 0.999),
                             weight_decay=config.optim.weight_decay, amsgrad=config.optim.amsgrad,
                             fused=devices.use_fused_adam(config, next(model.parameters()).device))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The network of a checkpoint
+
+def read_trained(ckpt_path, config):
+    """(config, checkpoint dict on the CPU) of the checkpoint file ckpt_path (a run's checkpoint.pth or a numbered
+    snapshot). The model and data settings are the checkpoint's; `sampling`, `eval`, `fast` and data.root come from
+    `config` (the run's config.yml, or --config, with --set) when it is given. A sampler setting that cannot run
+    is a one-line error here, before anything is built or written."""
+    ckpt = load_checkpoint(ckpt_path, "cpu")  # the device gets only the weights it samples with
+    run_cfg = checkpoint_config(ckpt, ckpt_path)
+    if config is not None:
+        run_cfg = dataclasses.replace(run_cfg, sampling=config.sampling, fast=config.fast, eval=config.eval,
+                                      data=dataclasses.replace(run_cfg.data, root=config.data.root))
+    check_sampler(run_cfg.sampling, config_sigmas(run_cfg), NCSNError)
+    return run_cfg, ckpt
+
+
+def trained_network(run_cfg, ckpt, ckpt_path, device, seed, batch):
+    """The score function of the checkpoint `ckpt` (read_trained) on `device` and its sigmas: the EMA weights with
+    model.ema and sampling.ema on, the network compiled as fast: asks, built at the first sampling batch's size
+    `batch` before the first step (compile_model)."""
+    devices.set_precision(run_cfg, device)
+    model = make_model(run_cfg, device)
+    use_ema = run_cfg.model.ema and run_cfg.sampling.ema
+    load_model_state(model, ckpt["ema"] if use_ema else ckpt["model"], ckpt_path)
+    path = compile_model(model.eval(), run_cfg, warm_up_sampling(run_cfg, device, batch))
+    log.info("speed path: %s, %s", path, "channels_last" if run_cfg.fast.channels_last else "NCHW")
+    sigmas = config_sigmas(run_cfg).to(device)
+    log.info("model of step %d%s; %s sampling, %d levels x %d steps, step_lr %g%s, seed %d", ckpt["step"],
+             " (EMA weights)" if use_ema else "", run_cfg.sampling.sampler, len(sigmas), run_cfg.sampling.n_steps_each,
+             run_cfg.sampling.step_lr, ", final denoising step" if run_cfg.sampling.denoise else "", seed)
+    return make_score_fn(model, run_cfg, device, sigmas), sigmas
+
+
+def load_trained(ckpt_path, config, device, seed, n=None):
+    """read_trained and trained_network in one: (config, score function, sigmas on the device, step) for drawing
+    `n` samples in batches of sampling.batch_size (default: sampling.n_samples)."""
+    run_cfg, ckpt = read_trained(ckpt_path, config)
+    n = run_cfg.sampling.n_samples if n is None else n
+    score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, seed, min(n, run_cfg.sampling.batch_size))
+    return run_cfg, score_fn, sigmas, ckpt["step"]

@@ -1,7 +1,8 @@
-"""MNIST for NCSN: the IDX files through torchvision, uniform dequantization, the data space, and the
-randomness of one training step. Its own module so that training, evaluation, the metrics classifier and the
-benchmarks read the data through one piece of code."""
+"""MNIST for NCSN: the IDX files through torchvision, uniform dequantization, the data space, the randomness of
+one training step and the order of the batches (`EpochOrder`). Its own module so that training, evaluation, the
+metrics classifier and the benchmarks read the data through one piece of code."""
 import logging
+import math
 import os
 
 import torch
@@ -107,3 +108,20 @@ def batch_noise(generator, batch, num_levels, device, shape=(1, 28, 28), stratif
 def epoch_permutation(seed, epoch, n):
     """The order of the training set in `epoch`: a function of (seed, epoch) only, so resume needs no state."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch_order", epoch)))
+
+
+class EpochOrder:
+    """The global batch of each step: epoch e visits the training set in the order epoch_permutation(seed, e), a
+    function of (seed, epoch) only, so a resume needs no state."""
+
+    def __init__(self, seed, n, batch_size, device):
+        self.seed, self.n, self.batch_size, self.device = seed, n, batch_size, device
+        self.steps_per_epoch = math.ceil(n / batch_size)
+        self.epoch, self.perm = None, None
+
+    def batch(self, step):
+        """The indices (B,) of the global batch of step `step` + 1 (the next one)."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            self.epoch, self.perm = epoch, epoch_permutation(self.seed, epoch, self.n).to(self.device)
+        return self.perm[i * self.batch_size:(i + 1) * self.batch_size]

@@ -11,10 +11,11 @@ import time
 import torch
 
 import metrics
+from build import read_trained, trained_network
 from common import atomic_save_image, atomic_write_bytes, derive_seed
 from data import data_space, dequantize, load_mnist
 from progress import Progress
-from runner import draw_samples, dsm_loss, read_trained, sampling_generator, trained_network
+from runner import draw_samples, dsm_loss, sampling_generator
 
 log = logging.getLogger("ncsn")
 LOSS_BATCH = 500  # test images per forward pass of the per-level loss
@@ -66,7 +67,7 @@ def evaluate(config, run, device, seed, ckpt_path):
     samples of the checkpoint file `ckpt_path` of the run `run` (rundir.Run), drawn from the generator of `seed`,
     against the MNIST test set, and the DSM loss of the test images at each noise level; appended to the run's
     metrics.json and written to TensorBoard at the checkpoint's step. `config` (or None: the checkpoint's) gives
-    the sampling and eval settings (runner.read_trained)."""
+    the sampling and eval settings (build.read_trained)."""
     device = torch.device(device)
     run_cfg, ckpt = read_trained(ckpt_path, config)
     n = run_cfg.eval.n_samples_cpu if device.type == "cpu" else run_cfg.eval.n_samples  # GPU or MPS: the full count

@@ -5,11 +5,12 @@ import time
 
 import torch
 
+from build import read_trained, trained_network
 from common import NCSNError, derive_seed
 from data import dequantize, load_mnist
 from progress import Progress
 from rundir import output_paths
-from runner import anneal_langevin_dynamics, initial_samples, read_trained, trained_network
+from runner import anneal_langevin_dynamics, initial_samples
 
 log = logging.getLogger("ncsn")
 MASKS = ("bottom", "right", "square", "random")
@@ -37,7 +38,7 @@ def inpainting_mask(kind, shape, generator=None, device="cpu"):
 
 def inpaint(config, device, kind, seed, ckpt_path, out_folder, overwrite=False):
     """Complete test digits with `kind` of region hidden, with the checkpoint file `ckpt_path` (`config`, or None
-    for the checkpoint's, gives the sampling settings: runner.read_trained); writes inpaint_<kind>.png into
+    for the checkpoint's, gives the sampling settings: build.read_trained); writes inpaint_<kind>.png into
     `out_folder` (replacing it only with `overwrite`) with three rows: the originals, what the sampler sees (hidden
     pixels grey), the completions. Every random choice (the digits, their dequantization, the mask, the noise)
     follows `seed`."""

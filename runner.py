@@ -3,9 +3,10 @@
 Read top to bottom: the method's pure functions (`dsm_loss`, eq. 5 and 6 of Song & Ermon, 2019;
 `anneal_langevin_dynamics`, their Algorithm 1; `consistent_annealed_sampling`, the optional sampler of
 Jolicoeur-Martineau et al., 2021; EMA), the training loop (`train` with its `TrainState` and `Bookkeeping`) and
-sampling (`sample`). Every function takes plain values: main.py reads the flags. The network, its score function
-and the optimizer are built in build.py, the run folder and what is written into it are rundir.py's, the
-checkpoint file and resume's checks are checkpoint.py's.
+sampling (`sample`). Every function takes plain values: main.py reads the flags. The noise levels and the check
+that a sampler setting can run are noise.py's; the network (fresh or of a checkpoint), its score function and the
+optimizer are built in build.py; the run folder and what is written into it are rundir.py's, the checkpoint file
+and resume's checks are checkpoint.py's, the order of the batches data.py's.
 """
 import copy
 import dataclasses
@@ -18,36 +19,24 @@ import numpy as np
 import torch
 
 import devices
-from build import compile_model, make_model, make_optimizer, make_score_fn, warm_up_sampling, warm_up_training
-from checkpoint import (check_resumable, checkpoint_config, latest_checkpoint, load_checkpoint, load_model_state,
-                        make_checkpoint, restore)
+from build import (compile_model, make_model, make_optimizer, make_score_fn, read_trained, trained_network,
+                   warm_up_training)
+from checkpoint import check_resumable, latest_checkpoint, make_checkpoint, restore
 from common import NCSNError, derive_seed, numbered_snapshots
-from data import (MNIST_MEAN, batch_noise, data_space, dequantize, dsm_noise, epoch_permutation, load_mnist,
+from data import (MNIST_MEAN, EpochOrder, batch_noise, data_space, dequantize, dsm_noise, load_mnist,
                   logit_transform)
 from bookkeeping import Bookkeeping, training_deadline
+from noise import check_training_samplers, config_sigmas, consistent_eta, consistent_levels, snapshot_grid_sampling
 from progress import EarlyLog, Progress, duration
 from rundir import Run, StopSignals, make_run_folders, output_paths, write_samples
-from schema import ConfigError
 
 log = logging.getLogger("ncsn")
 
-CAS_TOLERANCE = 1e-6  # relative slack of consistent sampling's step_lr bounds, for sigmas stored in float32
 EMA_WARMUP_STEPS = 10  # the warm-up decay (1 + t) / (EMA_WARMUP_STEPS + t): 0.1 at t = 0, 0.99 at t = 890
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The method
-
-def get_sigmas(sigma_begin, sigma_end, num_classes):
-    """The noise levels {sigma_i}: a geometric sequence from sigma_1 = sigma_begin to sigma_L = sigma_end."""
-    return torch.tensor(np.exp(np.linspace(np.log(sigma_begin), np.log(sigma_end), num_classes)),
-                        dtype=torch.float32)  # (L,)
-
-
-def config_sigmas(config):
-    """The noise levels of a config's model section (L,), on the CPU."""
-    return get_sigmas(config.model.sigma_begin, config.model.sigma_end, config.model.num_classes)
-
 
 def dsm_loss(score_fn, x, sigmas, generator=None, labels=None, anneal_power=2.0, z=None):
     """Denoising score matching loss per sample, eq. (5) and (6) of the paper.
@@ -134,38 +123,6 @@ def consistent_annealed_sampling(score_fn, x, sigmas, step_lr, generator=None, c
             labels = torch.full((x.shape[0],), len(sigmas) - 1, dtype=torch.long, device=x.device)  # (B,)
             x = x + sigmas[-1] ** 2 * score_fn(x, labels).to(x.dtype)
     return x
-
-
-def consistent_eta(sigmas, step_lr):
-    """CAS's eta = step_lr / sigma_L^2 for the levels `sigmas`, or a one-line error naming step_lr when a step
-    cannot keep the noise consistent: it needs 1 - sigma_{i+1} / sigma_i <= eta <= 1 at every level."""
-    sigmas = [float(s) for s in sigmas]
-    eta = step_lr / sigmas[-1] ** 2
-    lowest = max([1 - b / a for a, b in zip(sigmas, sigmas[1:])], default=0.0)
-    if not lowest * (1 - CAS_TOLERANCE) <= eta <= 1 + CAS_TOLERANCE:  # float32 sigmas: allow rounding
-        raise NCSNError(f"sampling.step_lr {step_lr:g} is outside what consistent sampling over these levels allows: "
-                        f"step_lr / sigma_L^2 must lie in [{lowest:.4g}, 1], i.e. step_lr in "
-                        f"[{lowest * sigmas[-1] ** 2:.3g}, {sigmas[-1] ** 2:.3g}]")
-    return eta
-
-
-def check_sampler(scfg, sigmas, error, context=""):
-    """Raise `error` (one line, the message of consistent_eta and then `context`) when sampling.sampler cannot run
-    with the settings `scfg` over the trained levels `sigmas`: consistent sampling needs a step_lr that its levels
-    allow. Called before a command builds or writes anything."""
-    if scfg.sampler == "consistent":
-        try:
-            consistent_eta(consistent_levels(sigmas, scfg.n_steps_each), scfg.step_lr)
-        except NCSNError as e:
-            raise error(f"{e}{context}") from e
-
-
-def consistent_levels(sigmas, n_steps_each):
-    """The levels CAS walks for a network trained at `sigmas` (L,): the geometric sequence from sigma_1 to
-    sigma_L with n_steps_each steps between neighbouring sigma_i, (L - 1) n_steps_each + 1 levels that contain
-    every sigma_i. So CAS takes (L - 1) n_steps_each steps, about the L n_steps_each of Algorithm 1."""
-    n = (len(sigmas) - 1) * n_steps_each + 1
-    return get_sigmas(float(sigmas[0]), float(sigmas[-1]), n).to(sigmas.device)  # (n,)
 
 
 def score_between_levels(score_fn, sigmas, levels):
@@ -382,89 +339,8 @@ def starting_checkpoint(run, config, resume, seed):
     return ckpt
 
 
-class EpochOrder:
-    """The global batch of each step: epoch e visits the training set in the order epoch_permutation(seed, e), a
-    function of (seed, epoch) only, so a resume needs no state."""
-
-    def __init__(self, seed, n, batch_size, device):
-        self.seed, self.n, self.batch_size, self.device = seed, n, batch_size, device
-        self.steps_per_epoch = math.ceil(n / batch_size)
-        self.epoch, self.perm = None, None
-
-    def batch(self, step):
-        """The indices (B,) of the global batch of step `step` + 1 (the next one)."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if epoch != self.epoch:
-            self.epoch, self.perm = epoch, epoch_permutation(self.seed, epoch, self.n).to(self.device)
-        return self.perm[i * self.batch_size:(i + 1) * self.batch_size]
-
-
-def snapshot_grid_sampling(config, sigmas):
-    """The sampling settings of the snapshot grid: the configured sampler with training.snapshot_steps_each steps
-    a level, the batch training.snapshot_grid, and for Langevin dynamics NCSNv2's step_lr for that T
-    (noise.langevin_step_lr)."""
-    from noise import langevin_step_lr
-    tcfg, sigmas = config.training, sigmas.cpu()
-    gamma = float(sigmas[0] / sigmas[1]) if len(sigmas) > 1 else 1.0
-    return dataclasses.replace(config.sampling, n_steps_each=tcfg.snapshot_steps_each,
-                               batch_size=max(1, tcfg.snapshot_grid),
-                               step_lr=langevin_step_lr(float(sigmas[-1]), gamma, tcfg.snapshot_steps_each)
-                               if config.sampling.sampler == "langevin" else config.sampling.step_lr)
-
-
-def check_training_samplers(config):
-    """Every sampler setting a training run will use, checked before it starts (a ConfigError, exit 2): the
-    sampling config (the metrics hook and --sample after it) and the snapshot grid's."""
-    sigmas = config_sigmas(config)
-    check_sampler(config.sampling, sigmas, ConfigError, f" (sampling.n_steps_each = {config.sampling.n_steps_each})")
-    if config.training.snapshot_grid:
-        check_sampler(snapshot_grid_sampling(config, sigmas), sigmas, ConfigError,
-                      f" for the snapshot grid's training.snapshot_steps_each = {config.training.snapshot_steps_each}"
-                      f" steps a level (or turn the grid off: training.snapshot_grid: 0)")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Sampling
-
-def read_trained(ckpt_path, config):
-    """(config, checkpoint dict on the CPU) of the checkpoint file ckpt_path (a run's checkpoint.pth or a numbered
-    snapshot). The model and data settings are the checkpoint's; `sampling`, `eval`, `fast` and data.root come from
-    `config` (the run's config.yml, or --config, with --set) when it is given. A sampler setting that cannot run
-    is a one-line error here, before anything is built or written."""
-    ckpt = load_checkpoint(ckpt_path, "cpu")  # the device gets only the weights it samples with
-    run_cfg = checkpoint_config(ckpt, ckpt_path)
-    if config is not None:
-        run_cfg = dataclasses.replace(run_cfg, sampling=config.sampling, fast=config.fast, eval=config.eval,
-                                      data=dataclasses.replace(run_cfg.data, root=config.data.root))
-    check_sampler(run_cfg.sampling, config_sigmas(run_cfg), NCSNError)
-    return run_cfg, ckpt
-
-
-def trained_network(run_cfg, ckpt, ckpt_path, device, seed, batch):
-    """The score function of the checkpoint `ckpt` (read_trained) on `device` and its sigmas: the EMA weights with
-    model.ema and sampling.ema on, the network compiled as fast: asks, built at the first sampling batch's size
-    `batch` before the first step (compile_model)."""
-    devices.set_precision(run_cfg, device)
-    model = make_model(run_cfg, device)
-    use_ema = run_cfg.model.ema and run_cfg.sampling.ema
-    load_model_state(model, ckpt["ema"] if use_ema else ckpt["model"], ckpt_path)
-    path = compile_model(model.eval(), run_cfg, warm_up_sampling(run_cfg, device, batch))
-    log.info("speed path: %s, %s", path, "channels_last" if run_cfg.fast.channels_last else "NCHW")
-    sigmas = config_sigmas(run_cfg).to(device)
-    log.info("model of step %d%s; %s sampling, %d levels x %d steps, step_lr %g%s, seed %d", ckpt["step"],
-             " (EMA weights)" if use_ema else "", run_cfg.sampling.sampler, len(sigmas), run_cfg.sampling.n_steps_each,
-             run_cfg.sampling.step_lr, ", final denoising step" if run_cfg.sampling.denoise else "", seed)
-    return make_score_fn(model, run_cfg, device, sigmas), sigmas
-
-
-def load_trained(ckpt_path, config, device, seed, n=None):
-    """read_trained and trained_network in one: (config, score function, sigmas on the device, step) for drawing
-    `n` samples in batches of sampling.batch_size (default: sampling.n_samples)."""
-    run_cfg, ckpt = read_trained(ckpt_path, config)
-    n = run_cfg.sampling.n_samples if n is None else n
-    score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, seed, min(n, run_cfg.sampling.batch_size))
-    return run_cfg, score_fn, sigmas, ckpt["step"]
-
 
 def sampling_generator(run, device, seed):
     """The generator of --sample and --eval: --seed itself on rank 0, a derived stream on the others."""
@@ -531,7 +407,7 @@ def sampler_steps(scfg, sigmas):
 def sample(config, run, device, seed, ckpt_path, out_folder, overwrite=False, guide=None):
     """--sample: the chain of sampling.sampler from sampling.init noise with the checkpoint file `ckpt_path` of the
     run `run` (rundir.Run), from the generator of `seed`; `config` (or None: the checkpoint's) gives the sampling
-    settings (read_trained). Writes samples.png (grid), samples.pt (raw final tensor) and movie.gif (the
+    settings (build.read_trained). Writes samples.png (grid), samples.pt (raw final tensor) and movie.gif (the
     trajectory) into `out_folder`, replacing files there only with `overwrite`.
     guide(run config, score_fn, sigmas) -> (score_for_batch, grid row length or None), when given, steers the
     samples (--digit: guidance.digit_guide); it is called before anything is written."""

@@ -24,11 +24,13 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
+import build  # noqa: E402
 import devices  # noqa: E402
 import main as cli  # noqa: E402
 import checkpoint  # noqa: E402
 import runner  # noqa: E402
 from common import NCSNError  # noqa: E402
+from data import data_space  # noqa: E402
 from metrics import WHITE_MEAN  # noqa: E402
 from schema import SAMPLING_INITS  # noqa: E402
 
@@ -48,8 +50,8 @@ def probe(path, use_ema, n, seed, device):
         raise SystemExit(f"{path} holds no EMA weights (model.ema was off)")
     cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, ema=use_ema),
                               fast=dataclasses.replace(cfg.fast, compile=False, bf16=False))
-    cfg, score_fn, sigmas, step = runner.load_trained(path, cfg, device, seed)
-    to_image = runner.data_space(cfg)[1]
+    cfg, score_fn, sigmas, step = build.load_trained(path, cfg, device, seed)
+    to_image = data_space(cfg)[1]
     out = {}
     for start in SAMPLING_INITS:
         start_cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, init=start))

@@ -31,11 +31,13 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
+import build  # noqa: E402
 import checkpoint  # noqa: E402
 import devices  # noqa: E402
 import guidance  # noqa: E402
 import main as cli  # noqa: E402
 import metrics  # noqa: E402
+import noise  # noqa: E402
 import runner  # noqa: E402
 from common import NCSNError  # noqa: E402
 from data import data_space, load_mnist, load_mnist_labels  # noqa: E402
@@ -70,19 +72,19 @@ def score_row(images, asked, judge, reference):
 
 
 def classifier_only(run_root, doc, data_root=None):
-    """The guidance classifier of run `doc`'s noise levels (runner.config_sigmas of its checkpoint's config), trained
+    """The guidance classifier of run `doc`'s noise levels (noise.config_sigmas of its checkpoint's config), trained
     on the CPU or loaded from its cache; guidance.get_guidance_classifier logs its test accuracy per level."""
     ckpt_path = Run(run_root, doc).ckpt_path
     config = checkpoint.checkpoint_config(checkpoint.load_checkpoint(ckpt_path), ckpt_path)
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=data_root or config.data.root))
-    guidance.get_guidance_classifier(config, runner.config_sigmas(config), "cpu")
+    guidance.get_guidance_classifier(config, noise.config_sigmas(config), "cpu")
     return 0
 
 
 def bench(args):
     device = devices.resolve_device(args.device)
     ckpt_path = Run(args.run, args.doc).ckpt_path
-    run_cfg, score_fn, sigmas, step = runner.load_trained(ckpt_path, None, device, args.seed)
+    run_cfg, score_fn, sigmas, step = build.load_trained(ckpt_path, None, device, args.seed)
     data = dataclasses.replace(run_cfg.data, root=args.data_root or run_cfg.data.root)
     run_cfg = dataclasses.replace(run_cfg, data=data, sampling=dataclasses.replace(run_cfg.sampling, n_samples=args.n))
     names = output_paths(args.out, [f"{d}_w{w:g}.png" for d in args.digits for w in args.scales] + ["results.json"],

@@ -37,7 +37,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import CondRefineNetDilated  # noqa: E402
-from runner import dsm_loss, get_sigmas  # noqa: E402
+from noise import get_sigmas  # noqa: E402
+from runner import dsm_loss  # noqa: E402
 
 VARIANTS = {  # name: (channels_last, compile scope, inductor's SIMD width in bits; None: its own choice)
     "default": (False, None, None), "cl": (True, None, None),

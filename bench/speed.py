@@ -30,7 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import CondRefineNetDilated  # noqa: E402
-from runner import dsm_loss, get_sigmas  # noqa: E402
+from noise import get_sigmas  # noqa: E402
+from runner import dsm_loss  # noqa: E402
 
 
 def sync(device):

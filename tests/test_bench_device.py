@@ -47,7 +47,7 @@ def test_quality_trains_and_scores_on_the_device_it_is_given(monkeypatch, tmp_pa
 
 @pytest.mark.parametrize("name", ["guidance", "first_level"])
 def test_guidance_and_first_level_run_on_the_device_they_are_given(monkeypatch, tmp_path, capsys, name):
-    """The device reaches the checkpoint's loading (runner.load_trained): cpu by default with CUDA and MPS
+    """The device reaches the checkpoint's loading (build.load_trained): cpu by default with CUDA and MPS
     reported present, cuda:0 when asked; an absent device is one line and exit 1."""
     bench = load_bench(name)
     pretend_gpus_everywhere(monkeypatch)
@@ -57,7 +57,7 @@ def test_guidance_and_first_level_run_on_the_device_they_are_given(monkeypatch, 
         used.append(device)
         raise Stop()
 
-    monkeypatch.setattr(bench.runner, "load_trained", load_trained)
+    monkeypatch.setattr(bench.build, "load_trained", load_trained)
     if name == "first_level":
         monkeypatch.setattr(bench.checkpoint, "load_checkpoint", lambda path: {})
         monkeypatch.setattr(bench.checkpoint, "checkpoint_config", lambda ckpt, path: tiny_config_object())

@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 
+import noise
 import runner
 from data import MNIST_MEAN
 from schema import load_config
@@ -34,7 +35,7 @@ def test_ema_warmup_forgets_the_random_start_where_a_plain_ema_keeps_a_fifth_of_
 
 def test_initial_samples_uniform_and_gaussian():
     cfg = load_config(f"{REPO}/config.yml")
-    sigmas = runner.get_sigmas(1.0, 0.01, 10)
+    sigmas = noise.get_sigmas(1.0, 0.01, 10)
     g = torch.Generator().manual_seed(0)
     uniform = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, init="uniform"))
     u = runner.initial_samples(uniform, sigmas, 2000, g, "cpu")

@@ -4,7 +4,8 @@ import sys
 
 import torch
 
-from runner import anneal_langevin_dynamics, get_sigmas
+from noise import get_sigmas
+from runner import anneal_langevin_dynamics
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 from first_level import first_level  # noqa: E402

@@ -7,6 +7,7 @@ import torch
 
 import guidance
 import main
+import noise
 import runner
 from common import NCSNError
 from conftest import CPU, snapshot_tree, tiny_config, write_config, write_fake_mnist
@@ -93,7 +94,7 @@ def test_the_classifier_is_conditioned_on_the_noise_level():
 def test_the_classifier_cache(tmp_path, monkeypatch):
     root = write_fake_mnist(str(tmp_path / "data"))
     config = config_from_dict(tiny_config(root))
-    sigmas = runner.get_sigmas(1.0, 0.01, 4)
+    sigmas = noise.get_sigmas(1.0, 0.01, 4)
     model = guidance.get_guidance_classifier(config, sigmas, "cpu")
     path = os.path.join(root, "MNIST", guidance.cache_name(sigmas, False))
     cache = torch.load(path, weights_only=True)
@@ -102,7 +103,7 @@ def test_the_classifier_cache(tmp_path, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("trained again")
 
-    other = runner.get_sigmas(1.0, 0.01, 5)
+    other = noise.get_sigmas(1.0, 0.01, 5)
     assert len(guidance.get_guidance_classifier(config, other, "cpu").sigmas) == 5  # other levels: its own file
     with monkeypatch.context() as m:  # both caches are used as they are: same weights, no training
         m.setattr(guidance, "train_guidance_classifier", no_training)
@@ -129,7 +130,7 @@ def test_each_batch_gets_its_own_digits():
         seen.append((start, stop))
         return lambda x, levels: torch.zeros_like(x)
 
-    out = runner.draw_samples(None, runner.get_sigmas(1.0, 0.01, 2), config, 10, torch.Generator().manual_seed(0),
+    out = runner.draw_samples(None, noise.get_sigmas(1.0, 0.01, 2), config, 10, torch.Generator().manual_seed(0),
                               "cpu", score_for_batch=score_for_batch)
     assert out.shape == (10, 1, 28, 28) and seen == [(0, 4), (4, 8), (8, 10)]
     assert guidance.asked_digits("all", 20).tolist() == [d for d in range(10) for _ in range(2)]

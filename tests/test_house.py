@@ -8,9 +8,9 @@ import main
 from conftest import REPO
 
 # runner.py is the method (its equations in the docstrings), the training loop, resume and sampling; what is none of
-# these lives elsewhere (build.py, bookkeeping.py, rundir.py, checkpoint.py, main.py). A change that needs more room
-# moves a piece out.
-RUNNER_MAX_LINES = 570
+# these lives elsewhere (noise.py, build.py, bookkeeping.py, rundir.py, checkpoint.py, data.py, main.py). A change
+# that needs more room moves a piece out.
+RUNNER_MAX_LINES = 450
 TRAIN_MAX_LINES = 50  # train(): the paper's loop, a screen
 FUNCTION_MAX_LINES = 60  # any function of a top-level module
 LONG_ALLOWED = {("main.py", "parse_args")}  # the argument parser: one add_argument after another

@@ -61,7 +61,7 @@ def test_tiny_network_learns_the_score_of_two_patterns(tmp_path):
 
     device = torch.device("cpu")
     ckpt_path = Run(str(tmp_path / "run"), "learn").ckpt_path
-    run_cfg, trained, sigmas, step = runner.load_trained(ckpt_path, None, device, 0)
+    run_cfg, trained, sigmas, step = build.load_trained(ckpt_path, None, device, 0)
     assert step == N_ITERS
     torch.manual_seed(1234)  # the weights the run started from (TrainState.create seeds --seed, then builds)
     untrained_model = build.make_model(run_cfg, device).eval()

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from common import NCSNError
-from runner import (anneal_langevin_dynamics, consistent_annealed_sampling, consistent_levels, dsm_loss, get_sigmas,
-                    score_between_levels)
+from noise import consistent_levels, get_sigmas
+from runner import anneal_langevin_dynamics, consistent_annealed_sampling, dsm_loss, score_between_levels
 
 
 def test_sigmas_are_geometric_from_begin_to_end():
