@@ -1,23 +1,25 @@
 """The run folder: where a run lives (`Run`: its folders and this process's rank), making it, what a command
 writes into it and into -o (sample grids, tensors, GIFs, the snapshot grid's PNG), the TensorBoard stand-in of
-ranks other than 0, and the stop signals a training command listens to.
+ranks other than 0, the stop signals a training command listens to and the lock it holds on the folder.
 
 Its own module so that the method (runner.py) and the commands (evaluate.py, inpaint.py, checkpoint.py's
 --verify) share one idea of the folder without importing each other; main.py decides the folders, these
 functions make and fill them.
 """
 import dataclasses
+import errno
 import io
 import logging
 import math
 import os
+import platform
 import signal
 import time
 
 import torch
 import yaml
 
-from common import NCSNError, atomic_save_image, atomic_torch_save, atomic_write_bytes
+from common import NCSNError, atomic_save_image, atomic_torch_save, atomic_write_bytes, numbered_snapshots
 from schema import config_to_dict
 
 log = logging.getLogger("ncsn")
@@ -54,6 +56,11 @@ class Run:
     @property
     def ckpt_path(self):
         return os.path.join(self.log_dir, "checkpoint.pth")
+
+    def holds_checkpoint(self):
+        """Whether the run folder holds checkpoint.pth or a numbered snapshot."""
+        return os.path.exists(self.ckpt_path) or (os.path.isdir(self.log_dir)
+                                                   and bool(numbered_snapshots(self.log_dir)))
 
     def shard(self, n):
         """(start, stop) of this rank's share of n items: contiguous, sizes differing by at most one."""
@@ -123,6 +130,65 @@ class StopSignals:
             signal.signal(s, h)
 
 
+LOCK_FILE = ".train.lock"  # in the run folder: the training command that writes the folder holds a lock on it
+LOCK_BUSY = (errno.EACCES, errno.EAGAIN)  # what fcntl.lockf raises while another process holds the lock
+
+
+class RunLock:
+    """The run folder's lock, held by rank 0 of a training command from before it reads the folder's checkpoints
+    (or, for a new folder, from when it makes it) to its end, so that a second training command of the same run
+    is refused with one line instead of writing checkpoints into the same folder. A POSIX record lock on LOCK_FILE
+    (fcntl.lockf): the operating system releases it when the process ends, however it ends (a crash or SIGKILL
+    leaves no stale lock), and a shared file system with locks (NFS) holds it across machines. Without fcntl
+    (Windows) or on a file system without locks nothing is locked, and the log says so."""
+
+    def __init__(self, run):
+        self.run, self.file = run, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()  # releases the lock
+            self.file = None
+
+    def take(self):
+        """Lock the run folder when it exists, on rank 0, once; an NCSNError naming the holder when another
+        process holds the lock."""
+        if self.file is not None or self.run.rank != 0 or not os.path.isdir(self.run.log_dir):
+            return
+        try:
+            import fcntl
+        except ImportError:
+            log.info("no file locks here: a second training command of this run at once would not be refused")
+            return
+        path = os.path.join(self.run.log_dir, LOCK_FILE)
+        try:
+            f = open(path, "a+")
+        except OSError as e:
+            raise NCSNError(f"cannot write the run folder {self.run.log_dir}: {e.strerror}") from e
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.seek(0)
+            holder = f.read().strip() or "a process"
+            f.close()
+            if e.errno in LOCK_BUSY:
+                raise NCSNError(f"run folder {self.run.log_dir} is in use by another training command ({holder}): "
+                                f"wait for it to end, or pick another --doc") from e
+            log.info("cannot lock %s (%s): a second training command of this run at once would not be refused",
+                     path, e.strerror)
+            return
+        holder = f"pid {os.getpid()} on {platform.node()}\n"  # named to a command refused while this one holds it
+        f.seek(0)
+        if f.read() != holder:  # the last holder's line otherwise stays as it is
+            f.truncate(0)
+            f.write(holder)
+            f.flush()
+        self.file = f
+
+
 class NullWriter:
     """The TensorBoard writer of ranks other than 0."""
 
@@ -136,16 +202,22 @@ class NullWriter:
         pass
 
 
-def make_run_folders(run, config, device, early_log, command=""):
-    """Rank 0 makes the run folder, writes config.yml and logs to stdout.txt (which begins with what `early_log`,
-    a progress.EarlyLog, held of this command, and then `command`, the command's settings in one line); returns
-    the TensorBoard writer (one that writes nothing on other ranks)."""
+def make_run_folders(run, config, device, early_log, lock, start_step, command=""):
+    """Rank 0 makes the run folder, takes its `lock` (RunLock) if it does not hold it yet, writes config.yml and
+    logs to stdout.txt (which begins with what `early_log`, a progress.EarlyLog, held of this command, and then
+    `command`, the command's settings in one line); returns the TensorBoard writer (one that writes nothing on other
+    ranks). A run that starts at step 1 (`start_step` 0) is refused if the folder got a checkpoint while it started
+    (another training command of this --doc)."""
     if run.rank != 0:
         return NullWriter()
     from tensorboardX import SummaryWriter  # before anything is written: a missing package leaves no folder
     try:
         for d in (run.log_dir, run.tb_dir):
             os.makedirs(d, exist_ok=True)
+        lock.take()
+        if start_step == 0 and run.holds_checkpoint():
+            raise NCSNError(f"run folder {run.log_dir} got a checkpoint from another training command while this one "
+                            f"started: pick another --doc, or pass --resume_training to continue it")
         for f in os.listdir(run.log_dir):  # our own temporary files, left by a crash mid-write
             if ".pth.tmp." in f:
                 os.remove(os.path.join(run.log_dir, f))

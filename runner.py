@@ -22,13 +22,13 @@ import devices
 from build import (compile_model, make_model, make_optimizer, make_score_fn, read_trained, trained_network,
                    warm_up_training)
 from checkpoint import check_resumable, latest_checkpoint, make_checkpoint, restore
-from common import NCSNError, derive_seed, numbered_snapshots
+from common import NCSNError, derive_seed
 from data import (MNIST_MEAN, EpochOrder, batch_noise, data_space, dequantize, dsm_noise, load_mnist,
                   logit_transform)
 from bookkeeping import Bookkeeping, training_deadline
 from noise import check_training_samplers, config_sigmas, consistent_eta, consistent_levels, snapshot_grid_sampling
 from progress import EarlyLog, Progress, duration
-from rundir import Run, StopSignals, make_run_folders, output_paths, write_samples
+from rundir import Run, RunLock, StopSignals, make_run_folders, output_paths, write_samples
 
 log = logging.getLogger("ncsn")
 
@@ -288,49 +288,53 @@ def train(config, run, device, seed, resume=False, on_snapshot=None, resume_comm
     past training.max_minutes of this command. Returns the exit status 0."""
     t_start, device = time.time(), torch.device(device)
     check_training_samplers(config)
-    ckpt = starting_checkpoint(run, config, resume, seed)
-    train_u8 = load_mnist(config.data.root, train=True).to(device)  # (N, 28, 28) uint8
-    test_u8 = load_mnist(config.data.root, train=False).to(device)  # (N_test, 28, 28) uint8
-    order = EpochOrder(ckpt["seed"] if ckpt else seed, len(train_u8), config.training.batch_size, device)
-    n_total = min(config.training.n_iters, config.training.n_epochs * order.steps_per_epoch)
-    if ckpt is not None and ckpt["step"] >= n_total:
-        raise NCSNError(f"the checkpoint is at step {ckpt['step']} and the config ends at step {n_total}: train "
-                        f"further with {resume_command} --set training.n_iters=N (N > {ckpt['step']})")
-    run.barrier()  # every rank has checked the run folder before rank 0 writes into it
-    with StopSignals() as signals, EarlyLog() as early:  # SIGINT/SIGTERM from here on: stop after a step
-        state = TrainState.create(config, run, device, order.seed, n_total, ckpt)
-        deadline = training_deadline(state, t_start)
-        writer = make_run_folders(run, config, device, early, command)
-        log.info("%s at step %d of %d (%d steps an epoch of %d images, batch %d%s); %d parameters%s",
-                 "resuming" if state.step else "training", state.step + 1, n_total, order.steps_per_epoch, order.n,
-                 order.batch_size, f" over {run.world} ranks" if run.world > 1 else "",
-                 sum(p.numel() for p in state.model.parameters()),
-                 f"; budget {config.training.max_minutes:g} min" if deadline else "")
-        book = Bookkeeping(state, writer, signals, deadline, on_snapshot, test_u8, resume_command)
-        try:
-            while state.step < n_total:
-                batch = order.batch(state.step)  # (B,) the global batch
-                loss, levels = state.train_step(train_u8, batch)
-                if book.after_step(loss, levels, len(batch)):
-                    return 0  # the time budget ended it
-        finally:
-            book.close()
+    with RunLock(run) as lock:  # held from reading the run's checkpoints to the end: one training command a run
+        ckpt = starting_checkpoint(run, config, resume, seed, lock)
+        train_u8 = load_mnist(config.data.root, train=True).to(device)  # (N, 28, 28) uint8
+        test_u8 = load_mnist(config.data.root, train=False).to(device)  # (N_test, 28, 28) uint8
+        order = EpochOrder(ckpt["seed"] if ckpt else seed, len(train_u8), config.training.batch_size, device)
+        n_total = min(config.training.n_iters, config.training.n_epochs * order.steps_per_epoch)
+        if ckpt is not None and ckpt["step"] >= n_total:
+            raise NCSNError(f"the checkpoint is at step {ckpt['step']} and the config ends at step {n_total}: train "
+                            f"further with {resume_command} --set training.n_iters=N (N > {ckpt['step']})")
+        run.barrier()  # every rank has checked the run folder before rank 0 writes into it
+        with StopSignals() as signals, EarlyLog() as early:  # SIGINT/SIGTERM from here on: stop after a step
+            state = TrainState.create(config, run, device, order.seed, n_total, ckpt)
+            deadline = training_deadline(state, t_start)
+            writer = make_run_folders(run, config, device, early, lock, state.step, command)
+            log.info("%s at step %d of %d (%d steps an epoch of %d images, batch %d%s); %d parameters%s",
+                     "resuming" if state.step else "training", state.step + 1, n_total, order.steps_per_epoch,
+                     order.n, order.batch_size, f" over {run.world} ranks" if run.world > 1 else "",
+                     sum(p.numel() for p in state.model.parameters()),
+                     f"; budget {config.training.max_minutes:g} min" if deadline else "")
+            book = Bookkeeping(state, writer, signals, deadline, on_snapshot, test_u8, resume_command)
+            try:
+                while state.step < n_total:
+                    batch = order.batch(state.step)  # (B,) the global batch
+                    loss, levels = state.train_step(train_u8, batch)
+                    if book.after_step(loss, levels, len(batch)):
+                        return 0  # the time budget ended it
+            finally:
+                book.close()
     log.info("done: %d steps in %s, checkpoint in %s", n_total, duration(time.time() - t_start), run.ckpt_path)
     return 0
 
 
-def starting_checkpoint(run, config, resume, seed):
-    """The checkpoint a training command starts from (None: step 1). A fresh start into a run folder that holds a
+def starting_checkpoint(run, config, resume, seed, lock):
+    """The checkpoint a training command starts from (None: step 1), read under the run folder's `lock`
+    (rundir.RunLock), which it takes where the folder exists. A fresh start into a run folder that holds a
     checkpoint is refused; one that holds none (a start that stopped before its first checkpoint) is trained into
     afresh. A resume takes the newest intact snapshot (checkpoint.latest_checkpoint), checked against `config`."""
     if not resume:
         if os.path.exists(run.log_dir) or os.path.exists(run.tb_dir):
-            if os.path.exists(run.ckpt_path) or (os.path.isdir(run.log_dir) and numbered_snapshots(run.log_dir)):
+            if run.holds_checkpoint():
                 raise NCSNError(f"run folder {run.log_dir} already exists: pick another --doc, or pass "
                                 f"--resume_training to continue it")
+            lock.take()  # refused while another command trains into it; make_run_folders checks again under the lock
             log.warning("run folder %s holds no checkpoint (a start that stopped before its first one): training "
                         "into it from step 1", run.log_dir)
         return None
+    lock.take()
     ckpt = latest_checkpoint(run)  # on the CPU: restore moves it
     if ckpt is not None:
         check_resumable(ckpt, config, run.ckpt_path)

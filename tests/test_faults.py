@@ -249,4 +249,5 @@ def test_nan_loss_stops_with_step_and_level_and_keeps_the_last_good_checkpoint(t
     c = torch.load(log_dir / "checkpoint.pth", weights_only=True)
     assert "non-finite loss at step 5 at noise level(s) " in err and "the last good checkpoint is kept" in err
     assert c["step"] == 4 and all(torch.isfinite(v).all() for v in c["model"].values())
-    assert sorted(os.listdir(log_dir)) == ["checkpoint.pth", "checkpoint_4.pth", "config.yml", "stdout.txt"]
+    assert sorted(os.listdir(log_dir)) == [".train.lock", "checkpoint.pth", "checkpoint_4.pth", "config.yml",
+                                           "stdout.txt"]

@@ -1,5 +1,6 @@
 """End to end on MNIST-format files written by the tests: train, checkpoint, resume, sample."""
 import os
+import platform
 
 import numpy as np
 import pytest
@@ -28,8 +29,9 @@ def test_training_run_writes_checkpoints_config_log_and_tensorboard(tmp_path, fa
     monkeypatch.chdir(tmp_path)  # the default --run: run/ in the working folder
     assert main.main([*CPU, "--config", write_config(tmp_path / "c.yml", cfg), "--doc", "t"]) == 0
     logs = tmp_path / "run" / "logs" / "t"
-    assert sorted(os.listdir(logs)) == ["checkpoint.pth", "checkpoint_3.pth", "checkpoint_6.pth", "config.yml",
-                                        "stdout.txt"]
+    assert sorted(os.listdir(logs)) == [".train.lock", "checkpoint.pth", "checkpoint_3.pth", "checkpoint_6.pth",
+                                        "config.yml", "stdout.txt"]
+    assert (logs / ".train.lock").read_text() == f"pid {os.getpid()} on {platform.node()}\n"  # the last holder
     written = yaml.safe_load((logs / "config.yml").read_text())  # the resolved config: every key, defaults too
     assert written == config_to_dict(config_from_dict(cfg)) and written["sampling"]["denoise"] is False
     assert "step 6: saved checkpoint_6.pth" in (logs / "stdout.txt").read_text()
