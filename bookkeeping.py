@@ -68,7 +68,7 @@ class Bookkeeping:
     """What the training loop does around the method's step: read the losses back and log them (every
     training.log_freq steps), progress, the test loss (test_freq), checkpoints (snapshot_freq, the last step, a
     stop signal, the time budget), the snapshot grid and the on_snapshot hook at each numbered checkpoint.
-    Under torchrun the ranks agree on a stop signal and the budget at log steps (one all-reduce each)."""
+    Under torchrun the ranks agree on a stop signal and the budget at log steps (one all-reduce for both)."""
 
     def __init__(self, state, writer, signals, deadline, on_snapshot, test_u8, resume_command):
         self.state, self.writer, self.signals, self.deadline = state, writer, signals, deadline
@@ -123,9 +123,9 @@ class Bookkeeping:
         self.last = log_losses(self.window, self.writer, state.sigmas, state.run)
         self.window = []
         self.progress.note(f"loss {self.last:.4f}")
-        stop = self.signals.signum or signal.SIGTERM if state.run.any_rank(self.signals.signum, state.device) else None
         spent = self.deadline is not None and time.time() >= self.deadline
-        return stop, state.step < state.n_total and state.run.any_rank(spent, state.device)
+        heard, spent = state.run.any_rank((self.signals.signum, spent), state.device)  # one all-reduce for both
+        return (self.signals.signum or signal.SIGTERM) if heard else None, spent and state.step < state.n_total
 
     def after_snapshot(self):
         """The snapshot grid (rank 0, when training.snapshot_grid is on) and the on_snapshot hook (every rank)."""

@@ -41,7 +41,14 @@ def compile_model(model, config, warm_up):
     warm_up(model) calls it as the command will (a training step's forward and backward, or a sampling evaluation),
     so that every kernel is built now, before the first real step. Where they cannot be built (no C++ compiler, a
     broken one, another inductor failure) the network runs eagerly, the same function, with one warning; nothing
-    fails later. Returns the speed path in words, for the log."""
+    fails later. Logs the speed path with the layout, and returns it in words."""
+    path = compile_or_fall_back(model, config, warm_up)
+    log.info("speed path: %s, %s", path, "channels_last" if config.fast.channels_last else "NCHW")
+    return path
+
+
+def compile_or_fall_back(model, config, warm_up):
+    """compile_model's work: the speed path in words."""
     switch = "fast.compile" if config.fast.compile else "fast.compile_norms" if config.fast.compile_norms else None
     if switch is None:
         return "eager"
@@ -151,8 +158,7 @@ def trained_network(run_cfg, ckpt, ckpt_path, device, seed, batch):
     model = make_model(run_cfg, device)
     use_ema = run_cfg.model.ema and run_cfg.sampling.ema
     load_model_state(model, ckpt["ema"] if use_ema else ckpt["model"], ckpt_path)
-    path = compile_model(model.eval(), run_cfg, warm_up_sampling(run_cfg, device, batch))
-    log.info("speed path: %s, %s", path, "channels_last" if run_cfg.fast.channels_last else "NCHW")
+    compile_model(model.eval(), run_cfg, warm_up_sampling(run_cfg, device, batch))
     sigmas = config_sigmas(run_cfg).to(device)
     log.info("model of step %d%s; %s sampling, %d levels x %d steps, step_lr %g%s, seed %d", ckpt["step"],
              " (EMA weights)" if use_ema else "", run_cfg.sampling.sampler, len(sigmas), run_cfg.sampling.n_steps_each,

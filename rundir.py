@@ -78,13 +78,14 @@ class Run:
         torch.distributed.all_gather_object(parts, x.cpu())
         return torch.cat(parts)
 
-    def any_rank(self, flag, device):
-        """True on every rank if `flag` is true on any (one all-reduce; the flag itself when not distributed)."""
+    def any_rank(self, flags, device):
+        """For each of `flags`, True on every rank if it is true on any (one all-reduce for all of them; the flags
+        themselves when not distributed)."""
         if self.world == 1:
-            return bool(flag)
-        t = torch.tensor([int(bool(flag))], device=device)
+            return [bool(f) for f in flags]
+        t = torch.tensor([int(bool(f)) for f in flags], device=device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
+        return [bool(v) for v in t.tolist()]
 
 
 def output_paths(folder, names, overwrite):

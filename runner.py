@@ -207,8 +207,7 @@ class TrainState:
         sigmas = config_sigmas(config).to(device)
         step = restore(ckpt, model, ema, optimizer, generator, config, run.ckpt_path) if ckpt else 0
         lo, hi = run.shard(config.training.batch_size)  # this rank's share of a batch: what a step feeds the net
-        path = compile_model(model, config, warm_up_training(config, device, hi - lo))  # the EMA copy stays eager
-        log.info("speed path: %s, %s", path, "channels_last" if config.fast.channels_last else "NCHW")
+        compile_model(model, config, warm_up_training(config, device, hi - lo))  # the EMA copy stays eager
         net = model
         if run.world > 1:
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
