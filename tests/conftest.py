@@ -38,6 +38,22 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
 CPU = ("--device", "cpu")
 
 
+def sets(*items):
+    """--set for each "key=value" of `items`."""
+    return [w for item in items for w in ("--set", item)]
+
+
+def cli(capsys, tmp_path, *args):
+    """main.main(args) with --run tmp_path/run: (exit status, ERROR lines, WARNING lines, stdout, stderr)."""
+    import main
+    capsys.readouterr()
+    code = main.main([*CPU, "--run", str(tmp_path / "run"), *map(str, args)])
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    return (code, [x for x in lines if x.startswith("ERROR")], [x for x in lines if x.startswith("WARNING")], out,
+            err)
+
+
 def write_idx(path, array):
     """Write a uint8 array in LeCun's IDX format (magic 0x0000080N, big-endian dims)."""
     array = np.ascontiguousarray(array, dtype=np.uint8)

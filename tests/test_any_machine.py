@@ -18,16 +18,12 @@ import main
 import progress
 import runner
 import schema
-from conftest import CPU, REPO, tiny_config, write_config
+from conftest import CPU, REPO, sets, tiny_config, write_config
 
 QUICK_TINY = ["training.n_iters=4", "training.snapshot_freq=2", "training.test_freq=2", "training.snapshot_grid=2",
               "training.batch_size=8", "model.ngf=4", "sampling.n_steps_each=2", "sampling.n_samples=4",
               "sampling.batch_size=4", "sampling.n_frames=3"]
 FALLBACK = "torch.compile cannot build its kernels here"
-
-
-def sets(*items):
-    return [w for item in items for w in ("--set", item)]
 
 
 # Three commands of configs/quick.yml (compile_norms on) in one fresh interpreter whose C++ compiler does not exist:

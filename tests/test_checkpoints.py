@@ -18,7 +18,7 @@ import torch
 import checkpoint
 import main
 from common import NCSNError, numbered_snapshots
-from conftest import CPU, REPO, snapshot_tree, tiny_config, write_config, write_fake_mnist
+from conftest import CPU, REPO, cli, snapshot_tree, tiny_config, write_config, write_fake_mnist
 from rundir import Run
 
 SETTINGS = {"training.snapshot_freq": 3, "fast.fused_adam": False}  # torch's default Adam: `step` on the CPU
@@ -49,16 +49,6 @@ def copy_run(runs, doc, tmp_path):
     os.remove(dst / "checkpoint.pth")
     os.link(dst / newest, dst / "checkpoint.pth")
     return dst
-
-
-def cli(capsys, tmp_path, *args):
-    """main.main(args) with --run tmp_path/run: (exit status, ERROR lines, WARNING lines, stdout, stderr)."""
-    capsys.readouterr()
-    code = main.main([*CPU, "--run", str(tmp_path / "run"), *map(str, args)])
-    out, err = capsys.readouterr()
-    lines = err.splitlines()
-    return (code, [x for x in lines if x.startswith("ERROR")], [x for x in lines if x.startswith("WARNING")], out,
-            err)
 
 
 def data_start(blob, info):

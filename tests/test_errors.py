@@ -13,15 +13,7 @@ import main
 import noise
 import runner
 import schema
-from conftest import CPU, REPO, snapshot_tree, tiny_config, write_config
-
-
-def cli(capsys, tmp_path, *args):
-    """main.main with --run tmp_path/run: (exit status, ERROR lines, all of stderr)."""
-    capsys.readouterr()
-    code = main.main([*CPU, "--run", str(tmp_path / "run"), *map(str, args)])
-    err = capsys.readouterr().err
-    return code, [line for line in err.splitlines() if line.startswith("ERROR")], err
+from conftest import CPU, REPO, cli, snapshot_tree, tiny_config, write_config
 
 
 @pytest.fixture
@@ -55,11 +47,11 @@ def test_an_intact_checkpoint_that_does_not_load_is_named_for_its_cause(tmp_path
 
     monkeypatch.setattr(torch, "load", load)
     before = snapshot_tree(tmp_path / "run")
-    code, errors, err = cli(capsys, tmp_path, "--doc", "r", "--sample", "-o", tmp_path / "out")
+    code, errors, _, _, err = cli(capsys, tmp_path, "--doc", "r", "--sample", "-o", tmp_path / "out")
     assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
     assert words in errors[0] and "damaged" not in errors[0], errors[0]
     # resume does not skip a file that verifies: it stops with the same cause, trains nothing, changes nothing
-    code, errors, err = cli(capsys, tmp_path, "--config", trained, "--doc", "r", "--resume_training")
+    code, errors, _, _, err = cli(capsys, tmp_path, "--config", trained, "--doc", "r", "--resume_training")
     assert code == 1 and len(errors) == 1 and words in errors[0], err
     assert "resuming from" not in err and "trained again" not in err
     assert snapshot_tree(tmp_path / "run") == before and not (tmp_path / "out").exists()
@@ -75,7 +67,7 @@ def test_an_unforeseen_error_leaves_its_traceback_in_the_runs_log(tmp_path, caps
 
     monkeypatch.setattr(runner.TrainState, "train_step", third_step_fails)
     cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 6}))
-    code, errors, err = cli(capsys, tmp_path, "--config", cfg, "--doc", "u")
+    code, errors, _, _, err = cli(capsys, tmp_path, "--config", cfg, "--doc", "u")
     log = tmp_path / "run" / "logs" / "u" / "stdout.txt"
     assert code == 1 and "Traceback" not in err, err
     assert errors == [errors[0]] and errors[0].endswith(f"ZeroDivisionError: an unforeseen fault (the traceback is in "
@@ -85,13 +77,13 @@ def test_an_unforeseen_error_leaves_its_traceback_in_the_runs_log(tmp_path, caps
     assert "ZeroDivisionError: an unforeseen fault" in text
     # a command without a run folder: the traceback goes to a file of its own, which the line names
     monkeypatch.setattr(noise, "max_pairwise_distance", lambda x: 1 / 0)
-    code, errors, err = cli(capsys, tmp_path, "--config", cfg, "--noise_design")
+    code, errors, _, _, err = cli(capsys, tmp_path, "--config", cfg, "--noise_design")
     where = re.search(r"ZeroDivisionError: division by zero \(the traceback is in (.+)\)$", errors[0]).group(1)
     assert code == 1 and len(errors) == 1 and "Traceback" not in err
     assert "max_pairwise_distance" in open(where).read() or "<lambda>" in open(where).read()
     os.remove(where)
     # a known error stays one line, with no traceback written anywhere
-    code, errors, err = cli(capsys, tmp_path, "--doc", "u", "--resume_training", "--set", "training.n_iters=-1")
+    code, errors, _, _, err = cli(capsys, tmp_path, "--doc", "u", "--resume_training", "--set", "training.n_iters=-1")
     assert code == 2 and len(errors) == 1 and "the traceback" not in errors[0]
 
 
@@ -107,7 +99,7 @@ def test_a_sampler_setting_that_cannot_run_is_refused_before_the_run_starts(tmp_
             ("grid", {"training.snapshot_grid": 4}, "for the snapshot grid's training.snapshot_steps_each = 5 steps"),
             ("sampling", {"sampling.step_lr": 1e-7}, "sampling.step_lr 1e-07 is outside what consistent sampling")):
         cfg = write_config(tmp_path / f"{name}.yml", consistent(fake_mnist, **more))
-        code, errors, err = cli(capsys, tmp_path, "--config", cfg, "--doc", name)
+        code, errors, _, _, err = cli(capsys, tmp_path, "--config", cfg, "--doc", name)
         assert code == 2 and len(errors) == 1 and words in errors[0], err
         assert not (tmp_path / "run").exists()
     # the same sampling settings without the grid train and sample

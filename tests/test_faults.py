@@ -127,7 +127,6 @@ def run_with_kills(children, tmp_path, data, n_kills, seed):
     reference = final_params(os.path.join(run_dir, "logs", "ref"))
 
     log_dir = os.path.join(run_dir, "logs", "k")
-    log_file = os.path.join(log_dir, "stdout.txt")
     rng = random.Random(seed)
     kills, mid_write, resumes, from_snapshot = 0, 0, 0, 0
 

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 import build
 import main
-import runner
 from common import read_scalars
 from conftest import CPU, tiny_config, write_config, write_idx
 from rundir import Run

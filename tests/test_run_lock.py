@@ -10,9 +10,8 @@ import sys
 
 import pytest
 
-import main
 import runner
-from conftest import CPU, REPO, TINY_DOC, copy_tiny_run, snapshot_tree, tiny_config, write_config
+from conftest import REPO, TINY_DOC, cli, copy_tiny_run, snapshot_tree, tiny_config, write_config
 
 HOLDER = """import sys, time
 sys.path.insert(0, {repo!r})
@@ -32,14 +31,6 @@ def hold_lock(root, doc):
     return holder
 
 
-def run_cli(capsys, *argv):
-    """main.main: (exit status, the ERROR lines of stderr, or all of it when there are none)."""
-    capsys.readouterr()
-    code = main.main([*CPU, *argv])
-    err = capsys.readouterr().err.strip().splitlines()
-    return code, [line for line in err if line.startswith("ERROR")] or err
-
-
 def test_a_second_training_command_is_refused_while_another_holds_the_run(tmp_path, tiny_run, capsys,
                                                                          monkeypatch):
     root = tmp_path / "run"
@@ -53,16 +44,16 @@ def test_a_second_training_command_is_refused_while_another_holds_the_run(tmp_pa
         holder = hold_lock(root, doc)
         try:
             before = snapshot_tree(root)
-            code, err = run_cli(capsys, "--config", cfg, "--run", str(root), "--doc", doc, *extra)
-            assert code == 1 and len(err) == 1, err
-            assert "is in use by another training command" in err[0] and f"pid {holder.pid} on" in err[0], err
+            code, errors, _, _, err = cli(capsys, tmp_path, "--config", cfg, "--doc", doc, *extra)
+            assert code == 1 and len(errors) == 1, err
+            assert "is in use by another training command" in errors[0] and f"pid {holder.pid} on" in errors[0], err
             assert not built  # refused before it reads a checkpoint or builds the network
             assert snapshot_tree(root) == before  # nothing written, nothing removed
         finally:
             holder.send_signal(signal.SIGKILL)
             holder.wait()
         # the killed holder left its lock file, but no lock: the same command now runs
-        code, err = run_cli(capsys, "--config", cfg, "--run", str(root), "--doc", doc, *extra)
+        code, _, _, _, err = cli(capsys, tmp_path, "--config", cfg, "--doc", doc, *extra)
         assert code == 0, err
         built.clear()
 
@@ -81,8 +72,8 @@ def test_a_fresh_start_whose_folder_got_a_checkpoint_while_it_started_writes_not
         return state
 
     monkeypatch.setattr(runner.TrainState, "create", another_command_saves_meanwhile)
-    code, err = run_cli(capsys, "--config", cfg, "--run", str(root), "--doc", "new")
-    assert code == 1 and len(err) == 1 and "got a checkpoint from another training command" in err[0], err
+    code, errors, _, _, err = cli(capsys, tmp_path, "--config", cfg, "--doc", "new")
+    assert code == 1 and len(errors) == 1 and "got a checkpoint from another training command" in errors[0], err
     assert sorted(os.listdir(logs)) == [".train.lock", "checkpoint_3.pth"]  # its checkpoint as it was, no config.yml
 
 
@@ -97,6 +88,5 @@ def test_where_nothing_can_be_locked_training_runs_and_says_so(tmp_path, fake_mn
             raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
         monkeypatch.setattr(fcntl, "lockf", no_locks)
     cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 2}))
-    capsys.readouterr()
-    assert main.main([*CPU, "--config", cfg, "--run", str(tmp_path / "run"), "--doc", "w"]) == 0
-    assert "a second training command of this run at once would not be refused" in capsys.readouterr().err
+    code, _, _, _, err = cli(capsys, tmp_path, "--config", cfg, "--doc", "w")
+    assert code == 0 and "a second training command of this run at once would not be refused" in err

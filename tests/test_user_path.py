@@ -11,16 +11,12 @@ import torch
 import yaml
 
 import main
-from conftest import CPU, REPO, TINY_DOC, copy_tiny_run, run_main, snapshot_tree, tiny_config, write_config
+from conftest import CPU, REPO, TINY_DOC, copy_tiny_run, run_main, sets, snapshot_tree, tiny_config, write_config
 
 TINY_SETS = ["training.batch_size=8", "training.snapshot_freq=2", "training.test_freq=2", "training.log_freq=1",
              "training.snapshot_grid=0", "model.ngf=4", "model.num_classes=4", "sampling.n_steps_each=2",
              "sampling.n_samples=4", "sampling.batch_size=4", "sampling.n_frames=4", "fast.compile=false",
              "fast.compile_norms=false"]
-
-
-def sets(*items):
-    return [w for item in items for w in ("--set", item)]
 
 
 def ckpt_of(run, doc, name="checkpoint.pth"):
