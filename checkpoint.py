@@ -24,9 +24,6 @@ CHECKPOINT_FORMAT = 1
 VERIFY_CHUNK = 1 << 22  # bytes read at a time when checking a compressed member's CRC-32
 LOCAL_HEADER = b"PK\x03\x04"  # the signature of a zip member's local header
 DOS_DIRECTORY = 0x10  # the folder bit of a zip member's external attributes (torch.save never sets it)
-# Besides BadZipFile, what zipfile and damage()'s own header walk raise for a zip directory whose bytes are wrong
-# (offsets past the end, lengths that do not fit, names that do not decode); any other exception is not damage.
-ZIP_STRUCTURE_ERRORS = (struct.error, ValueError, EOFError, OverflowError, NotImplementedError)
 # Keys that fix the network's shape: a checkpoint with other values cannot be loaded.
 ARCHITECTURE_KEYS = ("model.ngf", "model.num_classes", "data.channels", "data.image_size")
 # Keys a resumed run may change; any other difference to the checkpoint's config is an error.
@@ -103,8 +100,11 @@ def damage(path):
     once, where torch.load finds them (after the local header: its name is checked against the directory's, its
     lengths say where the bytes begin), and checks that the directory does not mark it a folder (torch's reader
     would then load it as empty bytes); docs/checkpoints.md has its cost. Other header fields and the alignment
-    padding are not covered: a flip there either breaks the archive for torch.load (refused by read_checkpoint) or
-    changes nothing that is loaded (tests/test_checkpoints.py flips bits at random to show it)."""
+    padding are checked by torch's own zip reader (miniz, what torch.load reads with): it opens the archive and finds
+    every member's header, and what it refuses is damage too. Any exception from walking the directory or inflating
+    a member is damage, not a traceback; a flip that none of this sees changes nothing that is loaded
+    (tests/test_checkpoints.py flips every bit of a small checkpoint's zip structure to show it). OSError (the file
+    cannot be read) and MemoryError are not the file's fault and go to the caller."""
     if os.path.getsize(path) == 0:
         return "truncated (0 bytes)"
     try:
@@ -124,8 +124,24 @@ def damage(path):
             zip_start = f.read(4) == LOCAL_HEADER
         return "truncated (no zip directory at its end)" if zip_start else \
             "not a checkpoint of this code (not a zip archive)"
-    except ZIP_STRUCTURE_ERRORS as e:  # what zipfile and the header walk raise for a damaged directory
-        return f"damaged (its zip directory: {type(e).__name__}: {e})"
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # struct.error, ValueError, NotImplementedError, ...: the directory's bytes are wrong
+        return f"damaged (its zip directory: {first_line(e)[:200]})"
+    return torch_reader_damage(path)
+
+
+def torch_reader_damage(path):
+    """What torch's zip reader finds wrong with the archive (the fields it checks that zipfile does not: sizes of a
+    stored member, disk numbers, encryption flags, ...), or None. It reads the directory and each member's local
+    header, not the members' bytes."""
+    try:
+        reader = torch._C.PyTorchFileReader(os.fspath(path))
+        for name in reader.get_all_records():
+            reader.get_record_offset(name)
+    except RuntimeError as e:
+        problem = str(e).split(". This is an internal", 1)[0].replace("PytorchStreamReader ", "")
+        return f"damaged (torch's zip reader {problem[:200]})"
     return None
 
 
@@ -151,9 +167,11 @@ def member_damage(z, view, info):
         with z.open(info) as f:
             while f.read(VERIFY_CHUNK):
                 pass
-    except zipfile.BadZipFile as e:
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # BadZipFile, zlib.error, NotImplementedError (an unknown method), a password asked, ...
         return f"damaged (CRC mismatch in {member})" if str(e).startswith("Bad CRC-32") else \
-            f"damaged (in {member}: {e})"
+            f"damaged (in {member}: {first_line(e)[:200]})"
     return None
 
 
