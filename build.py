@@ -13,6 +13,7 @@ import logging
 import torch
 
 import devices
+import speedpath
 from checkpoint import checkpoint_config, load_checkpoint, load_model_state
 from common import NCSNError
 from model import CondRefineNetDilated
@@ -150,16 +151,17 @@ def read_trained(ckpt_path, config):
     return run_cfg, ckpt
 
 
-def trained_network(run_cfg, ckpt, ckpt_path, device, seed, batch):
+def trained_network(run_cfg, ckpt, ckpt_path, device, seed, batch, world=1):
     """The score function of the checkpoint `ckpt` (read_trained) on `device` and its sigmas: the EMA weights with
     model.ema and sampling.ema on, the network compiled as fast: asks, built at the first sampling batch's size
     `batch` before the first step (compile_model)."""
+    sigmas = config_sigmas(run_cfg).to(device)
+    run_cfg = sampling_path(run_cfg, device, batch, sigmas, world)
     devices.set_precision(run_cfg, device)
     model = make_model(run_cfg, device)
     use_ema = run_cfg.model.ema and run_cfg.sampling.ema
     load_model_state(model, ckpt["ema"] if use_ema else ckpt["model"], ckpt_path)
     compile_model(model.eval(), run_cfg, warm_up_sampling(run_cfg, device, batch))
-    sigmas = config_sigmas(run_cfg).to(device)
     log.info("model of step %d%s; %s sampling, %d levels x %d steps, step_lr %g%s, seed %d", ckpt["step"],
              " (EMA weights)" if use_ema else "", run_cfg.sampling.sampler, len(sigmas), run_cfg.sampling.n_steps_each,
              run_cfg.sampling.step_lr, ", final denoising step" if run_cfg.sampling.denoise else "", seed)
@@ -173,3 +175,65 @@ def load_trained(ckpt_path, config, device, seed, n=None):
     n = run_cfg.sampling.n_samples if n is None else n
     score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, seed, min(n, run_cfg.sampling.batch_size))
     return run_cfg, score_fn, sigmas, ckpt["step"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The speed path (speedpath.py): what is timed for each candidate, on a network of its own
+
+
+def training_path(config, device, world, batch, sigmas, ckpt, loss):
+    """(config on the training path, its name) for a training command of `world` ranks at `batch` images a rank
+    that starts from `ckpt` (None: step 1); `loss` is the DSM loss (runner.dsm_loss). A resume keeps the path that
+    trained the checkpoint's last steps on this machine, so that it is the same as an unbroken run."""
+    step_of = timed_training_step(device, batch, sigmas, loss)
+    cfg, name, why = speedpath.choose(config, device, "train", batch, step_of, world=world,
+                                      deterministic=torch.are_deterministic_algorithms_enabled(),
+                                      keep=speedpath.kept_path(ckpt, device))
+    speedpath.log_choice("training", name, why)
+    for r in (ckpt.get("speed_paths") or []) if ckpt else []:
+        log.info("steps %d to %d were trained on %s (%s)", r["first"], r["last"], r["path"], r["machine"])
+    return cfg, name
+
+
+def sampling_path(config, device, batch, sigmas, world=1):
+    """The config of a sampling command at `batch` images on its speed path (logged)."""
+    cfg, name, why = speedpath.choose(config, device, "sample", batch, timed_sampling_step(device, batch, sigmas),
+                                      deterministic=torch.are_deterministic_algorithms_enabled(), world=world)
+    speedpath.log_choice("sampling", name, why)
+    return cfg
+
+
+def timed_training_step(device, batch, sigmas, loss):
+    """speedpath.choose's step_of for training: a fresh network of the candidate's config, its Adam, and one DSM
+    step of `batch` random images (the run's network, optimizer and generators are not touched)."""
+    def step_of(cfg):
+        model = make_model(cfg, device)
+        compile_or_fall_back(model, cfg, warm_up_training(cfg, device, batch))  # as compile_model, without its log
+        optimizer, score_fn = make_optimizer(cfg, model), make_score_fn(model, cfg, device, sigmas)
+        g = torch.Generator(device).manual_seed(0)
+        x = torch.rand(batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, generator=g,
+                       device=device)  # (B, 1, 28, 28)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss(score_fn, x, sigmas, g)[0].mean().backward()
+            optimizer.step()
+        return step
+    return step_of
+
+
+def timed_sampling_step(device, batch, sigmas):
+    """speedpath.choose's step_of for sampling: one network evaluation of `batch` images under inference_mode, as
+    a Langevin step makes it, on a network of the candidate's config (its speed does not depend on the weights)."""
+    def step_of(cfg):
+        model = make_model(cfg, device).eval()
+        compile_or_fall_back(model, cfg, warm_up_sampling(cfg, device, batch))
+        score_fn = make_score_fn(model, cfg, device, sigmas)
+        x, labels = zeros_batch(cfg, device, batch)
+        x.uniform_()
+
+        def step():
+            with torch.inference_mode():
+                score_fn(x, labels)
+        return step
+    return step_of

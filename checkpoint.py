@@ -34,7 +34,7 @@ RESUMABLE_CHANGES = {
     "data.root", "model.ema_warmup",
     "sampling.n_steps_each", "sampling.step_lr", "sampling.n_samples", "sampling.batch_size", "sampling.n_frames",
     "sampling.denoise", "sampling.ema", "sampling.init", "sampling.guidance_scale", "sampling.sampler",
-    "fast.bf16", "fast.fast_kernels", "fast.fused_adam", "fast.channels_last", "fast.tf32", "fast.cudnn_benchmark",
+    "fast.auto", "fast.bf16", "fast.fast_kernels", "fast.fused_adam", "fast.channels_last", "fast.tf32", "fast.cudnn_benchmark",
     "fast.compile", "fast.compile_norms",
     "eval.n_samples", "eval.n_samples_cpu", "eval.every_snapshots", "eval.n_training", "eval.loss_images",
     "eval.loss_images_cpu"}
@@ -48,7 +48,7 @@ def load_model_state(model, state, path):
                         f"{str(e).splitlines()[0]}") from e
 
 
-def make_checkpoint(config, model, ema, optimizer, generator, step, seed):
+def make_checkpoint(config, model, ema, optimizer, generator, step, seed, speed_paths=()):
     """The whole state of a run after `step` as one dict (model from the unwrapped module)."""
     return {
         "format": CHECKPOINT_FORMAT,
@@ -60,6 +60,7 @@ def make_checkpoint(config, model, ema, optimizer, generator, step, seed):
         "seed": seed,  # the run's --seed: the data order and noise of every later step derive from it
         "rng": {"generator": generator.get_state(), "generator_device": generator.device.type,
                 "torch_cpu": torch.get_rng_state()},
+        "speed_paths": list(speed_paths),  # [{"first", "last", "path", "machine"}]: which path trained which steps
     }
 
 

@@ -20,7 +20,7 @@ import torch
 
 import devices
 from build import (compile_model, make_model, make_optimizer, make_score_fn, read_trained, trained_network,
-                   warm_up_training)
+                   training_path, warm_up_training)
 from checkpoint import check_resumable, latest_checkpoint, make_checkpoint, restore
 from common import NCSNError, derive_seed
 from data import (MNIST_MEAN, EpochOrder, batch_noise, data_space, dequantize, dsm_noise, load_mnist,
@@ -28,6 +28,7 @@ from data import (MNIST_MEAN, EpochOrder, batch_noise, data_space, dequantize, d
 from bookkeeping import Bookkeeping, training_deadline
 from noise import check_training_samplers, config_sigmas, consistent_eta, consistent_levels, snapshot_grid_sampling
 from progress import EarlyLog, Progress, duration
+from speedpath import record
 from rundir import Run, RunLock, StopSignals, make_run_folders, output_paths, write_samples
 
 log = logging.getLogger("ncsn")
@@ -194,19 +195,23 @@ class TrainState:
     to_model: object  # pixels in [0, 1] -> the model's space (data.data_space)
     n_total: int  # the run's last step: where a cosine learning rate reaches 0
     step: int = 0  # the last completed step
+    given: object = None  # the config as given (fast.auto unresolved): what checkpoints hold
+    # (the speed path this command trains on (speedpath.py), its first step, the checkpoint's paths of earlier steps)
+    path: tuple = ("", 1, ())
 
     @classmethod
     def create(cls, config, run, device, seed, n_total, ckpt=None):
         """A fresh run (ckpt None) or the run in `ckpt`, on one code path: build, then restore."""
+        lo, hi = run.shard(config.training.batch_size)  # this rank's share of a batch: what a step feeds the net
+        given, sigmas = config, config_sigmas(config).to(device)  # the config as given, fast.auto unresolved
+        config, path = training_path(config, device, run.world, hi - lo, sigmas, ckpt, dsm_loss)
         devices.set_precision(config, device)
         torch.manual_seed(seed)
         model = make_model(config, device)
         ema = make_ema(model) if config.model.ema else None
         optimizer = make_optimizer(config, model)
         generator = torch.Generator(device).manual_seed(seed)
-        sigmas = config_sigmas(config).to(device)
         step = restore(ckpt, model, ema, optimizer, generator, config, run.ckpt_path) if ckpt else 0
-        lo, hi = run.shard(config.training.batch_size)  # this rank's share of a batch: what a step feeds the net
         compile_model(model, config, warm_up_training(config, device, hi - lo))  # the EMA copy stays eager
         net = model
         if run.world > 1:
@@ -214,17 +219,17 @@ class TrainState:
                                                             else None)
         net.train()
         return cls(config, run, device, seed, model, net, ema, optimizer, generator, sigmas,
-                   make_score_fn(net, config, device, sigmas), data_space(config)[0], n_total, step)
+                   make_score_fn(net, config, device, sigmas), data_space(config)[0], n_total, step, given,
+                   (path, step + 1, list(ckpt.get("speed_paths") or []) if ckpt else []))
 
     def sampling_score_fn(self):
-        """s(x, i) of the weights --sample would use, the EMA's when model.ema and sampling.ema are on: what the
-        snapshot grid, the test loss and the metrics hook (evaluate.TrainingMetrics) evaluate."""
+        """s(x, i) of the weights --sample uses (EMA with model.ema and sampling.ema): grids, test loss, metrics."""
         weights = self.ema if self.ema is not None and self.config.sampling.ema else self.model
         return make_score_fn(weights, self.config, self.device, self.sigmas)
 
     def checkpoint(self):
-        return make_checkpoint(self.config, self.model, self.ema, self.optimizer, self.generator, self.step,
-                               self.seed)
+        return make_checkpoint(self.given or self.config, self.model, self.ema, self.optimizer, self.generator,
+                               self.step, self.seed, record(*self.path, self.step, self.device))
 
     def test_loss(self, test_u8):
         """DSM loss of the sampling weights on a test batch of `test_u8`; its randomness is a function of (seed,
@@ -418,7 +423,8 @@ def sample(config, run, device, seed, ckpt_path, out_folder, overwrite=False, gu
     run_cfg, ckpt = read_trained(ckpt_path, config)
     scfg = run_cfg.sampling
     lo, hi = run.shard(scfg.n_samples)  # under torchrun each rank draws its share, with its own seed
-    score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, seed, min(scfg.batch_size, hi - lo))
+    score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, seed, min(scfg.batch_size, hi - lo),
+                                       run.world)
     score_for_batch, nrow = guide(run_cfg, score_fn, sigmas) if guide is not None else (None, None)
     names = output_paths(out_folder, ["samples.png", "samples.pt", "movie.gif"], overwrite)
     total = sampler_steps(scfg, sigmas)

@@ -106,6 +106,8 @@ class Eval:
 @dataclasses.dataclass(frozen=True)
 class Fast:
     """Speed switches; none of them changes the method (bench/speed.py measures each path)."""
+    auto: bool = True  # time the four paths (bf16 or fp32 x NCHW or channels_last) on this machine at the start and run
+    # the fastest, cached per machine (speedpath.py); off: fast.bf16 and fast.channels_last pin the path
     bf16: bool = False  # bf16 autocast (fp32 master weights; the input and output convolutions stay fp32)
     fast_kernels: bool = True  # same functions, faster kernels: ELU, CIN++ statistics, 5x5 mean pool (model.py)
     fused_adam: bool = True  # one fused kernel for the Adam update
@@ -287,7 +289,7 @@ def load_config(path, sets=()):
 
 # Keys added after a checkpoint format was in use whose old behaviour is not their default: a checkpoint's config
 # that lacks one was trained with this value. A missing key whose default is the old behaviour needs no entry.
-LEGACY_VALUES = {("model", "ema_warmup"): False, ("sampling", "init"): "uniform"}
+LEGACY_VALUES = {("model", "ema_warmup"): False, ("sampling", "init"): "uniform", ("fast", "auto"): False}
 
 
 def with_legacy_values(raw):

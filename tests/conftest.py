@@ -32,6 +32,9 @@ torch.set_num_threads(1)
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"torchinductor_ncsn_tests_{torch.backends.cpu.get_cpu_capability()}"))
 
+# fast.auto's cache of timed speed paths (speedpath.py): one for the tests, never the user's.
+os.environ["NCSN_SPEED_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="ncsn_speed_"), "speed_paths.json")
+
 # Every test runs on the CPU, also on a host with a GPU: the figures they compare (bitwise resume, the CPU's
 # sample counts, gloo under torchrun) are the CPU's. Each call of main.py passes CPU; the tests that need CUDA
 # are in tests/test_cuda.py, marked `cuda` and skipped where torch sees no GPU.
@@ -86,6 +89,7 @@ def tiny_config(data_root, **overrides):
     cfg["data"]["root"] = str(data_root)
     cfg["model"].update(ngf=4, num_classes=4)
     cfg["sampling"].update(n_steps_each=2, n_samples=4, batch_size=4, n_frames=4)
+    cfg["fast"]["auto"] = False  # the path config.yml pins: a timed choice could differ between two runs of a test
     for key, value in overrides.items():
         section, name = key.split(".")
         if value is None:
