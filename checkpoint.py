@@ -39,8 +39,7 @@ RESUMABLE_CHANGES = {
     "sampling.denoise", "sampling.ema", "sampling.init", "sampling.guidance_scale", "sampling.sampler",
     "fast.bf16", "fast.fast_kernels", "fast.fused_adam", "fast.channels_last", "fast.tf32", "fast.cudnn_benchmark",
     "fast.compile", "fast.compile_norms",
-    "eval.n_samples", "eval.n_samples_cpu", "eval.every_snapshots", "eval.n_training", "eval.loss_images",
-    "eval.loss_images_cpu"}
+    "eval.n_samples", "eval.every_snapshots", "eval.n_training", "eval.loss_images"}
 
 
 def load_model_state(model, state, path):
