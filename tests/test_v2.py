@@ -111,9 +111,10 @@ def test_ema_run_checkpoints_resumes_and_samples_with_ema(tmp_path, fake_mnist):
     # the resuming process trained steps 4..6 only: its own event file holds the loss of no earlier step
     new, resumed = scalars_of_new_event_files(tmp_path / "run/tensorboard/half", before, tmp_path / "resumed_tb")
     assert len(new) == 1, new
-    assert sorted(resumed["loss"]) == [4, 5, 6], f"the resumed process logged steps {sorted(resumed['loss'])}"
-    full_loss = read_scalars(tmp_path / "run/tensorboard/full")["loss"]
-    assert resumed["loss"] == {k: full_loss[k] for k in (4, 5, 6)}
+    logged = sorted(resumed["train_loss/raw"])
+    assert logged == [4, 5, 6], f"the resumed process logged steps {logged}"
+    full_loss = read_scalars(tmp_path / "run/tensorboard/full")["train_loss/raw"]
+    assert resumed["train_loss/raw"] == {k: full_loss[k] for k in (4, 5, 6)}
     assert not torch.equal(a["ema"]["end_conv.weight"], a["model"]["end_conv.weight"])
     # sampling uses the EMA weights unless sampling.ema is off
     assert main.main([*CPU, *run, "--doc", "full", "--sample", "-o", str(tmp_path / "ema")]) == 0
