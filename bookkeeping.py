@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from build import warm_up_sampling
+from build import WEIGHTS, sampling_weights, warm_up_sampling
 from checkpoint import save_checkpoint
 from common import Interrupted, NCSNError
 from progress import Progress, duration
@@ -92,9 +92,10 @@ class Bookkeeping:
         snapshot = step % tcfg.snapshot_freq == 0 or step == state.n_total
         stop, out_of_time = self.log_step() if self.reads_back(step, snapshot) else (None, False)
         if step % tcfg.test_freq == 0 and state.run.rank == 0:
-            test = state.test_loss(self.test_u8)
-            self.writer.add_scalar("test_loss", test, step)
-            log.info("step %d: loss %.4f, test loss %.4f", step, self.last, test)
+            test, weights = state.test_loss(self.test_u8), sampling_weights(state.config)
+            self.writer.add_scalar(f"test_loss/{weights}", test, step)
+            log.info("step %d: training loss (raw weights) %.4f, test loss (%s weights) %.4f", step, self.last,
+                     WEIGHTS[weights], test)
         numbered = snapshot or out_of_time  # the budget ends the run as its last step would
         if numbered or stop:
             self.writer.flush()
@@ -122,7 +123,7 @@ class Bookkeeping:
         state = self.state
         self.last = log_losses(self.window, self.writer, state.sigmas, state.run)
         self.window = []
-        self.progress.note(f"loss {self.last:.4f}")
+        self.progress.note(f"training loss {self.last:.4f}")
         spent = self.deadline is not None and time.time() >= self.deadline
         heard, spent = state.run.any_rank((self.signals.signum, spent), state.device)  # one all-reduce for both
         return (self.signals.signum or signal.SIGTERM) if heard else None, spent and state.step < state.n_total
@@ -145,18 +146,30 @@ class Bookkeeping:
 
 
 def log_losses(window, writer, sigmas, run):
-    """Read the window's losses back from the device (summed over ranks: one sync for the window), stop on a
-    non-finite one, write each step's mean over its global batch to TensorBoard; returns the last step's."""
-    sums = torch.stack([loss.sum() for _, loss, _, _ in window])  # (W,)
+    """Read the window's training losses (of the raw weights) back from the device (summed over ranks: one sync for
+    the window), stop on a non-finite one, write each step's mean over its global batch to TensorBoard as
+    train_loss/raw, and the mean of each noise level over the window's samples at that level as
+    train_loss/raw/level_<i> at its last step; returns the last step's loss."""
+    L = len(sigmas)
+    losses, labels = torch.cat([loss for _, loss, _, _ in window]), torch.cat([lv for _, _, lv, _ in window])
+    level_sums = torch.zeros(L, device=losses.device).index_add_(0, labels, losses.float())  # (L,)
+    level_counts = torch.bincount(labels, minlength=L).to(level_sums.dtype)  # (L,)
+    step_sums = torch.stack([loss.sum() for _, loss, _, _ in window]).float()  # (W,)
+    sums = torch.cat([step_sums, level_sums, level_counts])  # (W + 2L,): one read-back for all
     if run.world > 1:
         torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
-    for (step, loss, labels, batch), total in zip(window, sums.tolist()):
+    sums = sums.tolist()
+    for (step, loss, labels, batch), total in zip(window, sums[:len(window)]):
         value = total / batch
         if not math.isfinite(value):
             levels = sorted(set(labels[~torch.isfinite(loss)].tolist()))
             raise NCSNError(f"non-finite loss at step {step} at noise level(s) "
                             f"{', '.join(f'{i} (sigma {float(sigmas[i]):.4g})' for i in levels) or '(another rank)'}"
                             f": stopped; the last good checkpoint is kept")
-        writer.add_scalar("loss", value, step)
-    log.debug("step %d: loss %.5f", window[-1][0], value)
+        writer.add_scalar("train_loss/raw", value, step)
+    level_sums, level_counts = sums[len(window):len(window) + L], sums[len(window) + L:]
+    for i, (total, count) in enumerate(zip(level_sums, level_counts)):
+        if count:  # a level no sample of the window drew has no value here
+            writer.add_scalar(f"train_loss/raw/level_{i}", total / count, step)
+    log.debug("step %d: training loss %.5f", step, value)
     return value

@@ -151,6 +151,17 @@ def read_trained(ckpt_path, config):
     return run_cfg, ckpt
 
 
+WEIGHTS = {"ema": "EMA", "raw": "raw"}  # the weights a loss or a sample comes from, as tags and records name them ->
+#                                        as log lines and plots do
+
+
+def sampling_weights(config):
+    """The weights that --sample, --eval, the snapshot grid and the test loss of training use: "ema", the
+    exponential moving average, with model.ema and sampling.ema on; else "raw", the optimised weights (which the
+    training loss always uses)."""
+    return "ema" if config.model.ema and config.sampling.ema else "raw"
+
+
 def trained_network(run_cfg, ckpt, ckpt_path, device, seed, batch, world=1):
     """The score function of the checkpoint `ckpt` (read_trained) on `device` and its sigmas: the EMA weights with
     model.ema and sampling.ema on, the network compiled as fast: asks, built at the first sampling batch's size
@@ -159,7 +170,7 @@ def trained_network(run_cfg, ckpt, ckpt_path, device, seed, batch, world=1):
     run_cfg = sampling_path(run_cfg, device, batch, sigmas, world)
     devices.set_precision(run_cfg, device)
     model = make_model(run_cfg, device)
-    use_ema = run_cfg.model.ema and run_cfg.sampling.ema
+    use_ema = sampling_weights(run_cfg) == "ema"
     load_model_state(model, ckpt["ema"] if use_ema else ckpt["model"], ckpt_path)
     compile_model(model.eval(), run_cfg, warm_up_sampling(run_cfg, device, batch))
     log.info("model of step %d%s; %s sampling, %d levels x %d steps, step_lr %g%s, seed %d", ckpt["step"],

@@ -34,10 +34,9 @@ RESUMABLE_CHANGES = {
     "data.root", "model.ema_warmup",
     "sampling.n_steps_each", "sampling.step_lr", "sampling.n_samples", "sampling.batch_size", "sampling.n_frames",
     "sampling.denoise", "sampling.ema", "sampling.init", "sampling.guidance_scale", "sampling.sampler",
-    "fast.auto", "fast.bf16", "fast.fast_kernels", "fast.fused_adam", "fast.channels_last", "fast.tf32", "fast.cudnn_benchmark",
-    "fast.compile", "fast.compile_norms",
-    "eval.n_samples", "eval.n_samples_cpu", "eval.every_snapshots", "eval.n_training", "eval.loss_images",
-    "eval.loss_images_cpu"}
+    "fast.auto", "fast.bf16", "fast.fast_kernels", "fast.fused_adam", "fast.channels_last", "fast.tf32",
+    "fast.cudnn_benchmark", "fast.compile", "fast.compile_norms",
+    "eval.n_samples", "eval.every_snapshots", "eval.n_training", "eval.loss_images"}
 
 
 def load_model_state(model, state, path):

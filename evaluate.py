@@ -11,7 +11,7 @@ import time
 import torch
 
 import metrics
-from build import read_trained, trained_network
+from build import WEIGHTS, read_trained, sampling_weights, trained_network
 from common import atomic_save_image, atomic_write_bytes, derive_seed
 from data import data_space, dequantize, load_mnist
 from progress import Progress
@@ -44,8 +44,19 @@ def test_loss_per_level(score_fn, to_model, test_u8, sigmas, anneal_power, seed,
     return out
 
 
-def record_metrics(run, record, levels=None):
-    """Append a record to <run>/logs/<doc>/metrics.json (atomically) and its scalars to TensorBoard."""
+SCORES = ("fid", "kid", "kid_se", "inception_score", "mean_confidence", "white_share")  # TensorBoard's scalars
+
+
+def metric_tag(name, n):
+    """The TensorBoard tag of a score of `n` samples: metrics/<name>_n<n> (metrics/<name> when n is not known), so
+    that scores of different counts (--eval's eval.n_samples, training's eval.n_training) are never one curve."""
+    return f"metrics/{name}" + (f"_n{n}" if n else "")
+
+
+def record_metrics(run, record, levels=None, weights=None):
+    """Append a record to <run>/logs/<doc>/metrics.json (atomically) and its scalars to TensorBoard: the scores
+    under metric_tag, and the per-level test loss `levels` of the `weights` ("ema" or "raw") as
+    test_loss/<weights>/level_<i>."""
     path = os.path.join(run.log_dir, "metrics.json")
     records = []
     if os.path.exists(path):
@@ -55,22 +66,23 @@ def record_metrics(run, record, levels=None):
     atomic_write_bytes(path, json.dumps(records, indent=1).encode(), "free space there; the checkpoints are unchanged")
     from tensorboardX import SummaryWriter
     with SummaryWriter(run.tb_dir, filename_suffix=f".{time.time_ns()}") as writer:
-        for k in ("fid", "inception_score", "mean_confidence", "white_share"):
-            if k in record:
-                writer.add_scalar(f"metrics/{k}", record[k], record["step"])
+        for k in SCORES:
+            if record.get(k) is not None:
+                writer.add_scalar(metric_tag(k, record.get("n_samples")), record[k], record["step"])
         for i, v in enumerate(levels or []):
-            writer.add_scalar(f"test_loss/level_{i}", v, record["step"])
+            writer.add_scalar(f"test_loss/{weights}/level_{i}", v, record["step"])
 
 
 def evaluate(config, run, device, seed, ckpt_path):
-    """--eval: FID, Inception-style score, digit shares, white share and confidence of eval.n_samples(_cpu)
-    samples of the checkpoint file `ckpt_path` of the run `run` (rundir.Run), drawn from the generator of `seed`,
-    against the MNIST test set, and the DSM loss of the test images at each noise level; appended to the run's
-    metrics.json and written to TensorBoard at the checkpoint's step. `config` (or None: the checkpoint's) gives
-    the sampling and eval settings (build.read_trained)."""
+    """--eval: FID, KID, Inception-style score, digit shares, white share and confidence of eval.n_samples samples
+    (the same count on every device) of the checkpoint file `ckpt_path` of the run `run` (rundir.Run), drawn from
+    the generator of `seed`, against the MNIST test set, and the DSM loss of the test images at each noise level
+    with the sampling weights (build.sampling_weights); appended to the run's metrics.json and written to
+    TensorBoard at the checkpoint's step. `config` (or None: the checkpoint's) gives the sampling and eval settings
+    (build.read_trained)."""
     device = torch.device(device)
     run_cfg, ckpt = read_trained(ckpt_path, config)
-    n = run_cfg.eval.n_samples_cpu if device.type == "cpu" else run_cfg.eval.n_samples  # GPU or MPS: the full count
+    n, n_loss = run_cfg.eval.n_samples, run_cfg.eval.loss_images  # one count on every device: figures compare
     lo, hi = run.shard(n)
     score_fn, sigmas = trained_network(run_cfg, ckpt, ckpt_path, device, seed,
                                        min(run_cfg.sampling.batch_size, hi - lo))
@@ -84,24 +96,34 @@ def evaluate(config, run, device, seed, ckpt_path):
     seconds = time.time() - t0
     to_model, to_image = data_space(run_cfg)
     result = metrics.sample_metrics(to_image(samples), classifier, reference)
-    n_loss = run_cfg.eval.loss_images_cpu if device.type == "cpu" else run_cfg.eval.loss_images
     levels = test_loss_per_level(score_fn, to_model, test_u8[:n_loss], sigmas, run_cfg.training.anneal_power,
                                  seed, desc="eval: test loss per level")
-    record = {"step": step, "fid": result["fid"], "inception_score": result["inception_score"],
-              "mean_confidence": result["mean_confidence"], "class_shares": result["class_shares"],
-              "white_share": result["white_share"], "n_samples": n, "sampling_seconds": seconds,
-              "seed": seed, "test_loss_per_level": levels, "test_loss_images": min(n_loss, len(test_u8))}
-    log.info("step %d, %d samples (%.0f s): FID %.2f, Inception-style score %.2f, confidence %.3f, white %.0f%%",
-             step, n, seconds, result["fid"], result["inception_score"], result["mean_confidence"],
-             100 * result["white_share"])
-    log.info("test DSM loss per level: %s", ", ".join(f"{v:.3f}" for v in levels))
+    weights = sampling_weights(run_cfg)
+    record = {"step": step, "n_samples": n, "fid": result["fid"], "kid": result["kid"], "kid_se": result["kid_se"],
+              "inception_score": result["inception_score"], "mean_confidence": result["mean_confidence"],
+              "class_shares": result["class_shares"], "white_share": result["white_share"],
+              "sampling_seconds": seconds, "seed": seed, "weights": weights, "test_loss_per_level": levels,
+              "test_loss_images": min(n_loss, len(test_u8))}
+    log.info("step %d, %s", step, score_line(record, f" ({seconds:.0f} s)"))
+    log.info("test DSM loss per level (%s weights, %d images): %s", WEIGHTS[weights], record["test_loss_images"],
+             ", ".join(f"{v:.3f}" for v in levels))
     if run.rank == 0:
         record["nearest"] = nearest_check(run_cfg.data.root, to_image(samples), test_u8, classifier, run.log_dir)
-        record_metrics(run, record, levels)
+        record_metrics(run, record, levels, weights)
         grid = os.path.join(run.log_dir, f"eval_samples_{step}.png")  # what was scored, to look at
         atomic_save_image(to_image(samples[:EVAL_GRID]).clamp(0, 1), grid, "free space there", nrow=10, padding=2)
         log.info("wrote %s (the first %d samples)", grid, min(EVAL_GRID, n))
     return 0
+
+
+def score_line(result, timing=""):
+    """The scores of `result` (a record, or metrics.sample_metrics's dict) in one line that names the count they
+    were measured at: '100 samples: FID 41.50, KID 0.0123 +- 0.0021, ...'."""
+    n = result.get("n_samples", result.get("n_images"))
+    se = f" +- {result['kid_se']:.2g}" if result.get("kid_se") is not None else ""
+    return (f"{n} samples{timing}: FID {result['fid']:.2f}, KID {result['kid']:.3g}{se}, Inception-style score "
+            f"{result['inception_score']:.2f}, confidence {result['mean_confidence']:.3f}, white "
+            f"{100 * result['white_share']:.0f}%")
 
 
 def nearest_check(data_root, images, test_u8, classifier, log_dir):
@@ -158,7 +180,6 @@ class TrainingMetrics:
         if run.rank != 0:
             return
         result = metrics.sample_metrics(data_space(cfg)[1](samples), self.classifier, self.reference)
-        log.info("step %d: FID %.2f, Inception-style score %.2f, white %.0f%% on %d samples (%.0f s)", state.step,
-                 result["fid"], result["inception_score"], 100 * result["white_share"], len(samples),
-                 time.time() - t0)
-        record_metrics(state.run, {"step": state.step, "n_samples": len(samples), **result})  # all ranks' samples
+        log.info("step %d, %s", state.step, score_line(result, f" ({time.time() - t0:.0f} s)"))
+        record_metrics(state.run, {"step": state.step, "n_samples": len(samples), "weights": sampling_weights(cfg),
+                                   **result})  # all ranks' samples

@@ -222,7 +222,7 @@ def run_command(args, config, device):
     """Hand the command to its module with the values it needs (the run, the seed, the checkpoint file, the output
     folder); returns its exit status. No module below this one sees the flags."""
     from common import chosen_checkpoint
-    from rundir import Run, output_folder
+    from rundir import Run, StopSignals, output_folder
 
     if args.noise_design:
         import noise
@@ -252,7 +252,7 @@ def run_command(args, config, device):
         import evaluate
         hook = evaluate.TrainingMetrics(config)
     return runner.train(config, run, device, args.seed, args.resume_training, hook, resume_command(args),
-                        describe(args))
+                        describe(args), signals=StopSignals())  # the command line's Ctrl-C: stop with a checkpoint
 
 
 def main(argv=None):

@@ -58,11 +58,18 @@ def cin_plus_elu(x, y, weight, eps, elu):
 
 
 class CondInstanceNormPlus(nn.Module):
-    """Conditional instance normalization++ (appendix B.1, eq. 17 of the paper).
+    """Conditional instance normalization++ (appendix B.1 of the paper), in the authors' code's parametrisation.
 
-    mu_k: spatial mean of channel k; m, s^2: mean and unbiased variance of the mu_k over channels.
+    mu_k: spatial mean of channel k; m, s^2: mean and unbiased variance of the mu_k over channels; sigma_k the
+    (biased) spatial std of channel k; both std's with eps 1e-5 inside the root. What the code computes:
+        z_k = gamma[y, k] * ((x_k - mu_k) / sigma_k + alpha[y, k] * (mu_k - m) / s) + beta[y, k]
+    as the authors' ConditionalInstanceNorm2dPlus does (h = InstanceNorm(x) + alpha * mu_hat; gamma * h + beta),
+    so their checkpoints load. The paper's eq. 17 adds alpha outside gamma:
         z_k = gamma[y, k] * (x_k - mu_k) / sigma_k + beta[y, k] + alpha[y, k] * (mu_k - m) / s
-    with sigma_k the (biased) spatial std of channel k, both std's with eps 1e-5 inside the root.
+    The same functions (eq. 17's alpha is gamma * alpha here, where gamma is not 0), other parameters: with gamma
+    and alpha both initialised at N(1, 0.02) and beta at 0, the effective alpha starts as their product, and a step
+    on gamma moves the mean term too (docs/design.md#the-method-as-implemented). tests/test_model.py checks the
+    code against the first formula written out.
     The whole thing is one per-channel affine map of x, so it is computed as x * a + b: one pass for the
     statistics, one for the output (the same result as InstanceNorm2d followed by the scaling).
     """

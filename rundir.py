@@ -109,10 +109,11 @@ def output_paths(folder, names, overwrite):
 
 class StopSignals:
     """Within `with StopSignals() as stop:`, SIGINT and SIGTERM only set stop.signum; training checks it after
-    each step, writes a checkpoint and stops. Outside the main thread signals are left alone."""
+    each step, writes a checkpoint and stops. Outside the main thread signals are left alone, and so they are with
+    install=False (a training called from a notebook or a script: Ctrl-C there is the caller's)."""
 
-    def __init__(self):
-        self.signum, self._old = None, {}
+    def __init__(self, install=True):
+        self.signum, self._old, self.install = None, {}, install
 
     def _handler(self, signum, frame):
         if self.signum is None:
@@ -120,6 +121,8 @@ class StopSignals:
         self.signum = signum
 
     def __enter__(self):
+        if not self.install:
+            return self
         try:
             self._old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
         except ValueError:  # not the main thread

@@ -196,8 +196,7 @@ class TrainState:
     n_total: int  # the run's last step: where a cosine learning rate reaches 0
     step: int = 0  # the last completed step
     given: object = None  # the config as given (fast.auto unresolved): what checkpoints hold
-    # (the speed path this command trains on (speedpath.py), its first step, the checkpoint's paths of earlier steps)
-    path: tuple = ("", 1, ())
+    path: tuple = ("", 1, ())  # (this command's speed path (speedpath.py), its first step, the earlier ranges')
 
     @classmethod
     def create(cls, config, run, device, seed, n_total, ckpt=None):
@@ -232,8 +231,8 @@ class TrainState:
                                self.step, self.seed, record(*self.path, self.step, self.device))
 
     def test_loss(self, test_u8):
-        """DSM loss of the sampling weights on a test batch of `test_u8`; its randomness is a function of (seed,
-        step), so resume needs no state."""
+        """DSM loss of the sampling weights (build.sampling_weights: the EMA's or the raw) on a test batch of
+        `test_u8`; its randomness is a function of (seed, step), so resume needs no state."""
         cfg, device = self.config, self.device
         g = torch.Generator(device).manual_seed(derive_seed(self.seed, "test_batch", self.step))
         idx = torch.randint(len(test_u8), (cfg.training.batch_size,), generator=g, device=device)
@@ -284,12 +283,13 @@ class TrainState:
 RESUME_HINT = "the same call with resume=True"  # how to continue a run when no command line is given
 
 
-def train(config, run, device, seed, resume=False, on_snapshot=None, resume_command=RESUME_HINT, command=""):
+def train(config, run, device, seed, resume=False, on_snapshot=None, resume_command=RESUME_HINT, command="",
+          signals=None):
     """Train the run `run` (rundir.Run) with the config and seed from step 1, or with `resume` continue it from its
-    newest checkpoint (with that checkpoint's seed). `on_snapshot(state, test_u8)` is called on every rank after
-    each numbered snapshot (e.g. evaluate.TrainingMetrics); `resume_command` is how messages say to continue the
-    run, `command` what stdout.txt records of the command. Stops at the run's last step, or at the first log step
-    past training.max_minutes of this command. Returns the exit status 0."""
+    newest checkpoint (and its seed). `on_snapshot(state, test_u8)` runs on every rank after each numbered snapshot
+    (evaluate.TrainingMetrics); `resume_command` is how messages say to continue, `command` what stdout.txt records.
+    `signals` (rundir.StopSignals, from the command line) takes SIGINT and SIGTERM over: a step, a checkpoint, stop;
+    without it no handler is installed. Stops at the last step or past training.max_minutes. Returns 0."""
     t_start, device = time.time(), torch.device(device)
     check_training_samplers(config)
     with RunLock(run) as lock:  # held from reading the run's checkpoints to the end: one training command a run
@@ -302,7 +302,7 @@ def train(config, run, device, seed, resume=False, on_snapshot=None, resume_comm
             raise NCSNError(f"the checkpoint is at step {ckpt['step']} and the config ends at step {n_total}: train "
                             f"further with {resume_command} --set training.n_iters=N (N > {ckpt['step']})")
         run.barrier()  # every rank has checked the run folder before rank 0 writes into it
-        with StopSignals() as signals, EarlyLog() as early:  # SIGINT/SIGTERM from here on: stop after a step
+        with signals or StopSignals(install=False) as signals, EarlyLog() as early:  # a signal: stop after a step
             state = TrainState.create(config, run, device, order.seed, n_total, ckpt)
             deadline = training_deadline(state, t_start)
             writer = make_run_folders(run, config, device, early, lock, state.step, command)

@@ -94,11 +94,10 @@ class Sampling:
 
 @dataclasses.dataclass(frozen=True)
 class Eval:
-    """Sample quality (metrics.py): FID and Inception-style score on an MNIST digit classifier."""
-    n_samples: int = 10000  # images drawn and scored by --eval on a GPU ...
-    n_samples_cpu: int = 1000  # ... and on the CPU, where 10,000 take hours
-    loss_images: int = 10000  # test images in --eval's DSM loss per noise level on a GPU (10,000: all) ...
-    loss_images_cpu: int = 1000  # ... and on the CPU
+    """Sample quality (metrics.py): FID, KID and Inception-style score on an MNIST digit classifier."""
+    n_samples: int = 10000  # images drawn and scored by --eval, on every device: FID depends on the count, so
+    # only figures at one count compare (docs/design.md#measuring-samples); 10,000 take hours on a CPU at ngf 64
+    loss_images: int = 10000  # test images in --eval's DSM loss per noise level, on every device (10,000: all)
     every_snapshots: int = 0  # during training: metrics of n_training samples every k snapshots; 0 = off
     n_training: int = 300  # images scored during training
 
@@ -165,10 +164,8 @@ RULES = [  # (key, test, what it must be): checked once, after the types
     ("sampling.guidance_scale", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("model.ema_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("eval.n_samples", lambda v: v >= 2, ">= 2"),
-    ("eval.n_samples_cpu", lambda v: v >= 2, ">= 2"),
     ("eval.every_snapshots", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("eval.loss_images", lambda v: v >= 1, ">= 1"),
-    ("eval.loss_images_cpu", lambda v: v >= 1, ">= 1"),
     ("eval.n_training", lambda v: v >= 2, ">= 2"),
 ]
 
@@ -213,6 +210,9 @@ def config_from_dict(raw, source="config"):
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
         for key in values:
+            if (name, key) in RETIRED_KEYS:
+                raise ConfigError(f"config key {name}.{key}: no longer used: --eval counts the same on every "
+                                  f"device; set {'.'.join(RETIRED_KEYS[name, key])} instead")
             if key not in fields:
                 raise ConfigError(f"config key {name}.{key}: unknown key (known: {', '.join(fields)})")
         kwargs = {}
@@ -284,7 +284,7 @@ def read_yaml(path):
 def load_config(path, sets=()):
     """Read a YAML file, apply --set overrides and validate the result once. Raises ConfigError."""
     source = f"config {path}" + (" with --set" if sets else "")
-    return config_from_dict(apply_sets(read_yaml(path), sets), source=source)
+    return config_from_dict(apply_sets(with_retired_keys(read_yaml(path)), sets), source=source)
 
 
 # Keys added after a checkpoint format was in use whose old behaviour is not their default: a checkpoint's config
@@ -292,9 +292,28 @@ def load_config(path, sets=()):
 LEGACY_VALUES = {("model", "ema_warmup"): False, ("sampling", "init"): "uniform", ("fast", "auto"): False}
 
 
-def with_legacy_values(raw):
-    """A copy of a checkpoint's config dict with the keys it predates filled in with LEGACY_VALUES."""
+# Keys that were dropped, and the key that holds their value now. eval.n_samples_cpu and eval.loss_images_cpu were
+# --eval's counts on the CPU (eval.n_samples and eval.loss_images were a GPU's); --eval now draws one count on every
+# device. An older config's CPU counts become its counts: every figure recorded so far was drawn on a CPU.
+RETIRED_KEYS = {("eval", "n_samples_cpu"): ("eval", "n_samples"), ("eval", "loss_images_cpu"): ("eval", "loss_images")}
+
+
+def with_retired_keys(raw):
+    """A copy of a config dict (a file's or a checkpoint's) with each key of RETIRED_KEYS moved to its successor (whose
+    value it replaces), so that the config of an older run still loads and --eval scores it at the count it used."""
+    if not isinstance(raw, dict):
+        return raw  # config_from_dict names the problem
     raw = {s: dict(v) if isinstance(v, dict) else v for s, v in raw.items()}
+    for (section, key), (new_section, new_key) in RETIRED_KEYS.items():
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raw.setdefault(new_section, {})[new_key] = raw[section].pop(key)
+    return raw
+
+
+def with_legacy_values(raw):
+    """A copy of a checkpoint's config dict with the keys it predates filled in with LEGACY_VALUES and its retired
+    keys moved (with_retired_keys)."""
+    raw = with_retired_keys(raw)
     for (section, key), value in LEGACY_VALUES.items():
         if isinstance(raw.get(section), dict):
             raw[section].setdefault(key, value)

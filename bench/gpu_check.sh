@@ -181,7 +181,7 @@ cfg["training"].update(n_iters=int(steps), batch_size=int(batch), snapshot_freq=
 if tiny == "1":
     cfg["training"].update(n_epochs=10 ** 6, test_freq=max(2, int(steps) // 3), log_freq=max(2, int(steps) // 3))
 cfg["sampling"].update(n_steps_each=int(each), n_samples=int(n_samples), batch_size=int(sample_batch))
-cfg["eval"].update(n_samples=int(n_eval), n_samples_cpu=int(n_eval), loss_images=1000, loss_images_cpu=100)
+cfg["eval"].update(n_samples=int(n_eval), loss_images=1000 if tiny == "0" else 100)
 if tiny == "0":
     cfg["fast"].update(bf16=True, tf32=True, cudnn_benchmark=True)
 yaml.safe_dump(cfg, open(path, "w"), sort_keys=False)
@@ -243,7 +243,7 @@ print(max(lo, min(n, fit)))" "$N_EVAL" "$EVAL_BOX" "${SAMPLED:-}" "$MIN_EVAL" "$
   "$PY" - "$CFG" "$N_FIT" <<'EOF'
 import sys, yaml
 cfg = yaml.safe_load(open(sys.argv[1]))
-cfg["eval"].update(n_samples=int(sys.argv[2]), n_samples_cpu=int(sys.argv[2]))
+cfg["eval"].update(n_samples=int(sys.argv[2]))
 yaml.safe_dump(cfg, open(sys.argv[1], "w"), sort_keys=False)
 EOF
   run_part eval "$EVAL_BOX" "$PY" main.py "${RUN[@]}" --eval
@@ -251,7 +251,7 @@ EOF
   if [ -f "$M" ]; then
     cp "$M" "$OUT_DIR/metrics.json"
     NOTES+=("$("$PY" -c "import json, sys; r = json.load(open(sys.argv[1]))[-1]
-print(f\"eval: step {r['step']}, {r['n_samples']} samples: FID {r['fid']:.2f}, IS {r['inception_score']:.2f}, confidence {r['mean_confidence']:.3f}, white {100 * r['white_share']:.0f}%\")" "$M")")
+print(f\"eval: step {r['step']}, {r['n_samples']} samples: FID {r['fid']:.2f}, KID {r['kid']:.4f}, IS {r['inception_score']:.2f}, confidence {r['mean_confidence']:.3f}, white {100 * r['white_share']:.0f}%\")" "$M")")
   fi
 fi
 

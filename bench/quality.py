@@ -46,8 +46,7 @@ def split_sets(pairs):
 def bench_config(args, seed_root):
     cfg = schema.read_yaml(args.config)
     sets = {("data", "root"): args.data_root, ("sampling", "batch_size"): args.sample_batch,
-            ("eval", "n_samples_cpu"): args.n_samples, ("eval", "n_samples"): args.n_samples,
-            ("eval", "loss_images_cpu"): args.loss_images, ("eval", "loss_images"): args.loss_images}
+            ("eval", "n_samples"): args.n_samples, ("eval", "loss_images"): args.loss_images}
     if args.steps is not None:
         sets.update({("training", "n_iters"): args.steps, ("training", "snapshot_freq"): args.steps,
                      ("training", "test_freq"): max(1, args.steps // 10)})
@@ -128,7 +127,7 @@ def main_bench(argv=None):
             return 1
         train_s = time.time() - t
         log_dir = os.path.join(root, "logs", "q")
-        loss = read_scalars(os.path.join(root, "tensorboard", "q"))["loss"]
+        loss = read_scalars(os.path.join(root, "tensorboard", "q"))["train_loss/raw"]
         saved = snapshot_times(log_dir, train_s)
         steps = sorted(saved) if args.snapshots else [max(saved)]
         for step in steps:

@@ -95,3 +95,22 @@ def test_bad_config_on_the_command_line_exits_2_and_leaves_the_run_alone(tmp_pat
     assert main.main([*CPU, "--config", "missing.yml", "--doc", "new"]) == 2
     assert "cannot read config missing.yml" in capsys.readouterr().err
     assert snapshot_tree(tmp_path / "run") == before
+
+
+def test_an_older_config_with_cpu_counts_loads_with_them_as_its_counts(tmp_path):
+    """Configs and checkpoints of an older version held --eval's CPU counts beside the GPU's; --eval now draws one
+    count on every device, and an older config's is its CPU count (what its recorded figures were drawn at)."""
+    import checkpoint
+    from schema import with_legacy_values
+
+    old = tiny_config("data", **{"eval.n_samples": 10000, "eval.n_samples_cpu": 100, "eval.loss_images": 10000,
+                                 "eval.loss_images_cpu": 500})
+    path = tmp_path / "old.yml"
+    path.write_text(yaml.safe_dump(old))
+    c = load_config(str(path))
+    assert (c.eval.n_samples, c.eval.loss_images) == (100, 500)
+    assert load_config(str(path), ["eval.n_samples=300"]).eval.n_samples == 300  # --set wins over the old key
+    assert checkpoint.checkpoint_config({"config": old}, "old.pth").eval == c.eval  # a checkpoint's config too
+    assert "n_samples_cpu" not in with_legacy_values(old)["eval"] and old["eval"]["n_samples_cpu"] == 100
+    with pytest.raises(ConfigError, match=r"^config key eval.n_samples_cpu: no longer used: .* set eval.n_samples"):
+        load_config(os.path.join(REPO, "config.yml"), ["eval.n_samples_cpu=5"])

@@ -79,8 +79,8 @@ def test_device_cpu_runs_on_the_cpu_only(monkeypatch, tmp_path, fake_mnist, gpus
         reports(monkeypatch, torch.backends.mps, "is_available", False)
     import metrics
     monkeypatch.setitem(metrics.TRAIN_SETTINGS, "epochs", 1)
-    cfg = tiny_config(fake_mnist, **{"training.n_iters": 2, "training.snapshot_freq": 2, "eval.n_samples_cpu": 4,
-                                     "eval.loss_images_cpu": 8})
+    cfg = tiny_config(fake_mnist, **{"training.n_iters": 2, "training.snapshot_freq": 2, "eval.n_samples": 4,
+                                     "eval.loss_images": 8})
     run = ["--run", str(tmp_path / "run"), "--doc", "d"]
     assert main.main(["--device", "cpu", "--config", write_config(tmp_path / "c.yml", cfg), *run]) == 0
     assert "device cpu, torch" in (tmp_path / "run" / "logs" / "d" / "stdout.txt").read_text()

@@ -76,8 +76,8 @@ def test_two_processes_match_one(runs):
     for (k, a), b in zip(one["optimizer"]["state"].items(), two["optimizer"]["state"].values()):
         err = ((a["exp_avg"] - b["exp_avg"]).norm() / a["exp_avg"].norm()).item()
         assert err < 1e-3, f"exp_avg of parameter {k}: 2 processes differ from 1 by {err:.3g} of its norm"
-    loss_one = read_scalars(tmp / "run" / "tensorboard" / "one")["loss"]
-    loss_two = read_scalars(tmp / "run" / "tensorboard" / "two")["loss"]
+    loss_one = read_scalars(tmp / "run" / "tensorboard" / "one")["train_loss/raw"]
+    loss_two = read_scalars(tmp / "run" / "tensorboard" / "two")["train_loss/raw"]
     assert sorted(loss_one) == sorted(loss_two) == list(range(1, 9))
     for step in loss_one:
         assert loss_two[step] == pytest.approx(loss_one[step], rel=1e-4), f"step {step}: {loss_two[step]} " \

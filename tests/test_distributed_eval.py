@@ -16,7 +16,7 @@ TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 @pytest.mark.slow  # torchrun
 def test_eval_on_two_ranks_trains_the_classifier_once(tmp_path, fake_mnist):
-    cfg = tiny_config(fake_mnist, **{"training.n_iters": 2, "eval.n_samples_cpu": 6, "eval.loss_images_cpu": 8})
+    cfg = tiny_config(fake_mnist, **{"training.n_iters": 2, "eval.n_samples": 6, "eval.loss_images": 8})
     run = ["--run", str(tmp_path / "run"), "--doc", "e"]
     assert main.main([*CPU, "--config", write_config(tmp_path / "c.yml", cfg), *run]) == 0
     assert not os.path.exists(os.path.join(fake_mnist, "MNIST", "ncsn_classifier.pth"))  # a cold cache

@@ -51,7 +51,7 @@ def test_tiny_network_learns_the_score_of_two_patterns(tmp_path):
     run = ["--run", str(tmp_path / "run"), "--doc", "learn"]
     assert main.main([*CPU, "--config", write_config(tmp_path / "c.yml", cfg), *run]) == 0
 
-    loss = read_scalars(tmp_path / "run" / "tensorboard" / "learn")["loss"]
+    loss = read_scalars(tmp_path / "run" / "tensorboard" / "learn")["train_loss/raw"]
     assert sorted(loss) == list(range(1, N_ITERS + 1))
     first = np.mean([loss[k] for k in range(1, 21)])
     last = np.mean([loss[k] for k in range(N_ITERS - 19, N_ITERS + 1)])

@@ -1,5 +1,6 @@
 """FID, the Inception-style score and the cached digit classifier, checked against closed-form answers."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -162,12 +163,61 @@ def test_real_classifier_metrics_are_deterministic_and_clamp_their_input():
     b = metrics.sample_metrics(images.clone(), clf, metrics.reference_stats(clf, reference), batch_size=64)
     c = metrics.sample_metrics(images.clamp(0, 1), clf, reference)
     assert a == b == c
-    assert set(a) == {"fid", "inception_score", "class_shares", "mean_confidence", "n_images", "nonfinite_images",
-                      "white_share"}
+    assert set(a) == {"fid", "kid", "kid_se", "inception_score", "class_shares", "mean_confidence", "n_images",
+                      "nonfinite_images", "white_share"}
     assert len(a["class_shares"]) == 10 and sum(a["class_shares"]) == pytest.approx(1.0)
     assert a["fid"] > 0 and 1 <= a["inception_score"] <= 10 and 0.1 <= a["mean_confidence"] <= 1
     same = metrics.sample_metrics(reference, clf, reference)
     assert abs(same["fid"]) < 1e-6 * a["fid"]
+    assert a["kid"] > 3 * a["kid_se"] > 0  # noise is far from these digits, and KID says so beyond its error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KID
+
+def test_mmd2_unbiased_is_its_definition():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(5, 3)), rng.normal(1.0, 2.0, size=(7, 3))
+
+    def k(a, b):
+        return (a @ b / 3 + 1) ** 3
+    xx = sum(k(x[i], x[j]) for i in range(5) for j in range(5) if i != j) / (5 * 4)
+    yy = sum(k(y[i], y[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    xy = sum(k(a, b) for a in x for b in y) / (5 * 7)
+    assert metrics.mmd2_unbiased(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-12)
+
+
+def test_kid_is_unbiased_at_a_small_count_where_fid_is_not():
+    """Features of N(0.3, I) against a reference of N(0, I): KID of 20 samples, averaged over 200 draws, is KID of
+    2,000 samples within its standard error; FID of 20 samples is about three times FID of 2,000."""
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(4000, 8))
+    mu, cov = metrics.feature_stats(reference)
+
+    def draw(n):
+        return rng.normal(0.3, 1.0, size=(n, 8))
+    small = [metrics.kernel_inception_distance(draw(20), reference) for _ in range(200)]
+    big, big_se = metrics.kernel_inception_distance(draw(2000), reference)
+    kids = np.array([kid for kid, _ in small])
+    assert abs(kids.mean() - big) < 3 * np.hypot(kids.std() / np.sqrt(len(kids)), big_se)
+    assert big > 5 * big_se  # the distributions differ, and KID sees it
+    fid_small = np.mean([metrics.frechet_distance(*metrics.feature_stats(draw(20)), mu, cov) for _ in range(50)])
+    fid_big = metrics.frechet_distance(*metrics.feature_stats(draw(2000)), mu, cov)
+    assert fid_small > 2 * fid_big  # 2.1 against 0.72
+
+
+def test_kid_subsets_and_standard_error():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(100, 4)), rng.normal(size=(3000, 4))
+    kid, se = metrics.kernel_inception_distance(x, y)
+    rng = np.random.default_rng(metrics.KID_SEED)  # the same split, by hand: 10 subsets of 10 against 10 of 300
+    xs = np.array_split(x[rng.permutation(100)], 10)
+    ys = np.array_split(y[rng.permutation(3000)][:3000], 10)
+    each = [metrics.mmd2_unbiased(a, b) for a, b in zip(xs, ys)]
+    assert kid == pytest.approx(np.mean(each)) and se == pytest.approx(np.std(each, ddof=1) / np.sqrt(10))
+    assert metrics.kernel_inception_distance(x[:3], y)[1] is None  # one subset: no standard error
+    with pytest.raises(NCSNError, match="KID needs at least 2 samples"):
+        metrics.kernel_inception_distance(x[:1], y)
 
 
 def test_nonfinite_images_are_counted_and_bad_shapes_refused():
@@ -286,7 +336,7 @@ def test_read_only_data_folder_caches_in_the_fallback(tmp_path, monkeypatch, ncs
     assert os.path.isfile(os.path.join(other, "MNIST", metrics.CACHE_NAME))
 
 
-def test_eval_on_a_tiny_run_writes_metrics_and_per_level_loss(tmp_path, monkeypatch):
+def test_eval_on_a_tiny_run_writes_metrics_and_per_level_loss(tmp_path, monkeypatch, capsys):
     """--eval end to end: a tiny run, a classifier trained for a few steps on the fake data (the real one takes
     a minute), metrics.json and TensorBoard scalars; the same seed gives the same numbers."""
     import json
@@ -297,7 +347,7 @@ def test_eval_on_a_tiny_run_writes_metrics_and_per_level_loss(tmp_path, monkeypa
 
     data = write_fake_mnist(str(tmp_path / "data"), n_train=64, n_test=32)
     monkeypatch.setitem(metrics.TRAIN_SETTINGS, "epochs", 1)
-    cfg = tiny_config(data, **{"training.n_iters": 4, "training.snapshot_freq": 2, "eval.n_samples_cpu": 6,
+    cfg = tiny_config(data, **{"training.n_iters": 4, "training.snapshot_freq": 2, "eval.n_samples": 6,
                                "eval.every_snapshots": 1, "eval.n_training": 4})
     run = ["--run", str(tmp_path / "run"), "--doc", "e"]
     assert main.main([*CPU, "--config", write_config(tmp_path / "c.yml", cfg), *run]) == 0
@@ -309,11 +359,61 @@ def test_eval_on_a_tiny_run_writes_metrics_and_per_level_loss(tmp_path, monkeypa
     a, b = records[-2:]
     assert a["step"] == 4 and a["n_samples"] == 6 and len(a["test_loss_per_level"]) == 4
     assert a["fid"] == b["fid"] and a["inception_score"] == b["inception_score"]  # same seed, same numbers
+    assert a["kid"] == b["kid"] and a["kid_se"] > 0 and a["weights"] == "raw"  # KID and its error, recorded
+    printed = [line for line in capsys.readouterr().err.splitlines() if " samples" in line and "FID " in line]
+    assert len(printed) == 4 and all("KID" in line and " +- " in line for line in printed), printed
+    assert [re.search(r"(\d+) samples", line).group(1) for line in printed] == ["4", "4", "6", "6"]
     assert 1.0 <= a["inception_score"] <= 10.0 and abs(sum(a["class_shares"]) - 1) < 1e-9
     # per-level DSM loss of an untrained net is about 784/2 at every level (s ~ 0, weighted by sigma^2)
     assert all(50 < v < 2000 for v in a["test_loss_per_level"])
     scalars = common.read_scalars(tmp_path / "run" / "tensorboard" / "e")
-    assert 4 in scalars["metrics/fid"] and sorted(scalars["test_loss/level_0"]) == [4]
+    # each count its own tag: training's eval.n_training (4 samples), --eval's eval.n_samples (6)
+    assert sorted(scalars["metrics/fid_n4"]) == [2, 4] and sorted(scalars["metrics/kid_n6"]) == [4]
+    assert 4 in scalars["metrics/kid_se_n6"] and "metrics/fid" not in scalars
+    assert sorted(scalars["test_loss/raw/level_0"]) == [4]  # the weights it was measured with
+
+
+def test_eval_draws_the_same_count_on_every_device(tmp_path, tiny_run, monkeypatch, ncsn_log):
+    """--eval's sample count and test-loss images do not depend on the device's type. The device is faked: torch's
+    meta device stands in for an accelerator (it computes shapes only), and the steps of evaluate that would
+    compute on it are stand-ins that record what they are asked for."""
+    import json
+
+    import evaluate
+    import schema
+    from conftest import TINY_DOC, copy_tiny_run
+    from rundir import Run
+
+    copy_tiny_run(tiny_run, str(tmp_path / "run"))
+    asked = []  # (device type, what, count)
+
+    def draw(score_fn, sigmas, config, n, generator, device, **kwargs):
+        asked.append((torch.device(device).type, "samples", n))
+        return digit_images([k % 10 for k in range(n)])
+
+    def test_loss(score_fn, to_model, test_u8, sigmas, anneal_power, seed, **kwargs):
+        asked.append((test_u8.device.type, "loss images", len(test_u8)))
+        return [1.0] * 4  # tiny_config has 4 noise levels
+
+    classifier = FixedClassifier()
+    reference = metrics.reference_stats(classifier, digit_images(list(range(10)) * 4))
+    monkeypatch.setattr(evaluate, "trained_network", lambda cfg, ckpt, path, device, seed, batch: (None, None))
+    monkeypatch.setattr(evaluate, "sampling_generator", lambda run, device, seed: None)
+    monkeypatch.setattr(evaluate, "draw_samples", draw)
+    monkeypatch.setattr(evaluate, "test_loss_per_level", test_loss)
+    monkeypatch.setattr(evaluate, "nearest_check", lambda *args: {})
+    monkeypatch.setattr(metrics, "classifier_on_every_rank", lambda data_root, device, run: classifier)
+    monkeypatch.setattr(metrics, "reference_stats", lambda classifier, images: reference)
+    run = Run(str(tmp_path / "run"), TINY_DOC)
+    config = schema.load_config(os.path.join(run.log_dir, "config.yml"), ["eval.n_samples=12", "eval.loss_images=20"])
+    for device in ("cpu", "meta"):
+        assert evaluate.evaluate(config, run, device, 1, run.ckpt_path) == 0
+    assert asked == [("cpu", "samples", 12), ("cpu", "loss images", 20), ("meta", "samples", 12),
+                     ("meta", "loss images", 20)]
+    with open(os.path.join(run.log_dir, "metrics.json")) as f:
+        records = json.load(f)
+    assert [r["n_samples"] for r in records] == [12, 12] and records[0]["kid"] == records[1]["kid"]
+    assert sum(line.startswith("step 6, 12 samples") and "KID" in line for line in ncsn_log) == 2
 
 
 def test_white_share_counts_images_brighter_than_half():

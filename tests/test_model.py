@@ -1,9 +1,11 @@
 """The score network: exact parameter counts of the paper's MNIST model, CIN++ against its definition."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import graph_counter
+from conftest import REPO, graph_counter
 from model import CondInstanceNormPlus, CondRefineNetDilated, fast_elu_fn
 
 
@@ -248,3 +250,30 @@ def test_cin_plus_elu_under_inductor_equals_eager(channels_last):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     finally:
         torch._dynamo.reset()
+
+
+def test_cin_plus_docstring_states_the_formula_the_code_computes():
+    """The formula under "What the code computes" in CondInstanceNormPlus's docstring, evaluated as written, is the
+    module's output; the paper's eq. 17 that it quotes beside it is not (alpha sits outside gamma there). design.md
+    lists the difference among the departures."""
+    doc = CondInstanceNormPlus.__doc__
+    ours = doc.split("What the code computes:")[1].strip().splitlines()[0]
+    paper = doc.split("eq. 17 adds alpha outside gamma:")[1].strip().splitlines()[0]
+    torch.manual_seed(0)
+    norm = CondInstanceNormPlus(6, num_classes=3).double()
+    with torch.no_grad():
+        norm.embed.weight.normal_()
+    x, y = torch.randn(2, 6, 5, 5, dtype=torch.float64) + torch.randn(2, 6, 1, 1, dtype=torch.float64), [2, 0]
+    out = norm(x, torch.tensor(y))
+    gamma, alpha, beta = norm.embed.weight.detach().chunk(3, dim=-1)  # (classes, C) each: gamma[y, k]
+    for b in range(2):
+        mu = x[b].mean(dim=(1, 2), keepdim=True)  # (C, 1, 1)
+        names = {"gamma": gamma, "alpha": alpha, "beta": beta, "y": y[b], "k": torch.arange(6).view(6, 1, 1),
+                 "x_k": x[b], "mu_k": mu, "sigma_k": torch.sqrt(x[b].var(dim=(1, 2), correction=0, keepdim=True)
+                                                                  + 1e-5),
+                 "m": mu.mean(), "s": torch.sqrt(mu.var() + 1e-5)}
+        torch.testing.assert_close(eval(ours.split("=", 1)[1], names), out[b], rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(eval(paper.split("=", 1)[1], names), out[b])
+    with open(os.path.join(REPO, "docs", "design.md")) as f:
+        design = f.read()
+    assert "z_k = gamma_k ((x_k - mu_k) / sigma_k + alpha_k (mu_k - m)\n  / s) + beta_k" in design

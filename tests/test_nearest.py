@@ -50,7 +50,7 @@ def test_samples_nearer_than_any_test_image_are_flagged():
 
 def test_eval_writes_the_nearest_neighbour_figures(tmp_path, capsys):
     root = write_fake_mnist(str(tmp_path / "data"))
-    cfg = write_config(tmp_path / "c.yml", tiny_config(root, **{"eval.n_samples_cpu": 12, "eval.loss_images_cpu": 8}))
+    cfg = write_config(tmp_path / "c.yml", tiny_config(root, **{"eval.n_samples": 12, "eval.loss_images": 8}))
     run = str(tmp_path / "run")
     assert main.main([*CPU, "--config", cfg, "--run", run, "--doc", "r"]) == 0
     assert main.main([*CPU, "--config", cfg, "--run", run, "--doc", "r", "--eval"]) == 0

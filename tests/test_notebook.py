@@ -4,6 +4,7 @@ nbclient and nbformat are imported inside the tests (skipped where they are miss
 module never fails: `pytest -m cuda` on a GPU machine without them imports every test module first."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -48,11 +49,15 @@ def outputs(nb, kind):
 
 @pytest.fixture(scope="module")
 def nb_run(tmp_path_factory, tiny_run):
-    """A copy of the session's tiny run (6 steps on fake MNIST, a test loss every 2 steps), and its samples."""
+    """A copy of the session's tiny run (6 steps on fake MNIST, a test loss every 2 steps) on a copy of its data, and
+    its samples."""
     notebook_modules()  # skip before sampling where the notebook cannot run
     tmp = tmp_path_factory.mktemp("nbrun")
     run, images = tmp / "run", tmp / "images"
-    copy_tiny_run(tiny_run, run)
+    data = copy_tiny_run(tiny_run, run)
+    shutil.copytree(data, tmp / "data")  # the notebook's scores cache a classifier beside the data: a copy's
+    config = run / "logs" / TINY_DOC / "config.yml"
+    config.write_text(config.read_text().replace(str(data), str(tmp / "data")))
     assert main.main([*CPU, "--run", str(run), "--doc", TINY_DOC, "--sample", "-o", str(images)]) == 0
     return run, images
 
@@ -71,14 +76,17 @@ def test_notebook_runs_on_a_tiny_run(nb_run):
     run, images = nb_run
     nb = execute(read_notebook(), run, TINY_DOC, images)
     pngs = outputs(nb, "image/png")
-    # the loss curves, the sample grid and the trajectory strip; this run has no per-level loss or metrics
-    assert len(pngs) >= 3, f"expected at least 3 plots, got {len(pngs)}"
+    # the loss curves, the training loss by level, the sample grid, the trajectory strip and the fresh samples; this
+    # run has no per-level test loss or metrics
+    assert len(pngs) >= 5, f"expected at least 5 plots, got {len(pngs)}"
     assert all(len(p) > 1000 for p in pngs), "an image output is suspiciously small"
     text = "".join(outputs(nb, "stream"))
     assert os.path.join(str(run), "logs", TINY_DOC) in text  # it looked at the run it was given
-    assert "loss: 6 values" in text and "test_loss: 3 values" in text
+    assert "train_loss/raw: 6 values" in text and "test_loss/raw: 3 values" in text  # the weights in the tags
+    assert len(re.findall(r"train_loss/raw/level_\d: [1-4] values", text)) == 4  # at read-backs 2, 3, 4, 6
     assert "frames shown" in text
     assert "no per-level test loss" in text and "no quality metrics" in text
+    assert "step 6, 100 fresh samples: FID " in text and "KID " in text  # through ncsn.py
 
 
 @pytest.mark.slow  # a Jupyter kernel of its own: it starts and imports torch
@@ -90,17 +98,21 @@ def test_notebook_plots_per_level_loss_and_metrics(nb_run):
 
     with SummaryWriter(str(run / "tensorboard" / "rich")) as writer:
         for step in (2, 4, 6):
-            writer.add_scalar("loss", 400.0 / step, step)
+            writer.add_scalar("train_loss/raw", 400.0 / step, step)
+            writer.add_scalar("test_loss/raw", 410.0 / step, step)
             for i in range(4):  # tiny_config has 4 noise levels
-                writer.add_scalar(f"test_loss/level_{i}", 300.0 / step + i, step)
-            writer.add_scalar("metrics/fid", 100.0 / step, step)
+                writer.add_scalar(f"train_loss/raw/level_{i}", 290.0 / step + i, step)
+                writer.add_scalar(f"test_loss/level_{i}", 300.0 / step + i, step)  # an older run's tag: no weights
+            writer.add_scalar("metrics/fid_n100", 100.0 / step, step)
+            writer.add_scalar("metrics/fid_n1000", 10.0 / step, step)  # another count: a curve of its own
     with open(run / "logs" / "rich" / "metrics.json", "w") as f:
-        json.dump([{"step": 6, "inception_score": 1.5, "class_shares": [0.1] * 10}], f)
+        json.dump([{"step": 6, "n_samples": 100, "kid": 0.01, "kid_se": 0.002, "inception_score": 1.5,
+                    "class_shares": [0.1] * 10}], f)
     nb = execute(read_notebook(), run, "rich", images)
-    assert len(outputs(nb, "image/png")) == 5
+    assert len(outputs(nb, "image/png")) == 6  # losses, loss by level, samples, trajectory, metrics, fresh samples
     text = "".join(outputs(nb, "stream"))
     assert text.count("skipped") == 1 and "no snapshot grids" in text  # the only plot this run cannot have
-    assert "test_loss/level_3: 3 values" in text and "metrics/fid: 3 values" in text
+    assert "test_loss/raw/level_3: 3 values" in text and "metrics/fid_n100: 3 values" in text
 
 
 @pytest.mark.slow  # a Jupyter kernel of its own: it starts and imports torch

@@ -14,8 +14,8 @@ from test_docs import readme
 
 TINY = ["training.n_iters=4", "training.snapshot_freq=2", "training.test_freq=2", "training.batch_size=8",
         "training.snapshot_grid=4", "model.ngf=4", "model.num_classes=4", "sampling.n_steps_each=2",
-        "sampling.n_samples=10", "sampling.batch_size=10", "sampling.n_frames=3", "eval.n_samples_cpu=10",
-        "eval.loss_images_cpu=8", "fast.compile_norms=false"]
+        "sampling.n_samples=10", "sampling.batch_size=10", "sampling.n_frames=3", "eval.n_samples=10",
+        "eval.loss_images=8", "fast.compile_norms=false"]
 # numbers of the README's commands that a tiny run replaces with its own
 TINY_FOR = {"training.n_iters=4000": "training.n_iters=6", "1000": "2"}
 AUTHORS = [os.path.join(REPO, "tests", "fixtures", "authors_ncsn_ngf4", "run", "logs", "mnist_ngf4"),

@@ -41,8 +41,8 @@ def test_training_run_writes_checkpoints_config_log_and_tensorboard(tmp_path, fa
     assert (c["step"], c["config"]) == (6, written)
     assert torch.equal(c["model"]["end_conv.weight"], ckpt(tmp_path, "t", "checkpoint_6.pth")["model"]["end_conv.weight"])
     scalars = read_scalars(tmp_path / "run" / "tensorboard" / "t")
-    assert sorted(scalars["loss"]) == [1, 2, 3, 4, 5, 6] and sorted(scalars["test_loss"]) == [2, 4, 6]
-    assert all(v > 0 for v in scalars["loss"].values())
+    assert sorted(scalars["train_loss/raw"]) == [1, 2, 3, 4, 5, 6] and sorted(scalars["test_loss/raw"]) == [2, 4, 6]
+    assert all(v > 0 for v in scalars["train_loss/raw"].values())
 
 
 def test_training_stops_at_whichever_of_epochs_and_iters_comes_first(tmp_path, fake_mnist):
@@ -77,14 +77,15 @@ def test_resumed_run_ends_bitwise_equal_to_an_unbroken_one(tmp_path, fake_mnist,
     assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])
     # the TensorBoard history of the first part is kept, and the second part continues at step 6
     scalars = read_scalars(tmp_path / "run" / "tensorboard" / "half")
-    assert sorted(scalars["loss"]) == list(range(1, 13))
+    assert sorted(scalars["train_loss/raw"]) == list(range(1, 13))
     full_scalars = read_scalars(tmp_path / "run" / "tensorboard" / "full")
-    assert scalars["loss"] == full_scalars["loss"]
+    assert scalars["train_loss/raw"] == full_scalars["train_loss/raw"]
     # the resuming process trained only steps 6..12: its own event file holds no loss of steps 1..5
     new, resumed = scalars_of_new_event_files(tb, before, tmp_path / "resumed_tb")
     assert len(new) == 1, new
-    assert sorted(resumed["loss"]) == list(range(6, 13)), f"the resumed process logged steps {sorted(resumed['loss'])}"
-    assert {k: full_scalars["loss"][k] for k in range(6, 13)} == resumed["loss"]
+    logged = sorted(resumed["train_loss/raw"])
+    assert logged == list(range(6, 13)), f"the resumed process logged steps {logged}"
+    assert {k: full_scalars["train_loss/raw"][k] for k in range(6, 13)} == resumed["train_loss/raw"]
 
 
 def test_fresh_run_into_an_existing_folder_is_refused_and_changes_nothing(tmp_path, fake_mnist, capsys):
@@ -237,3 +238,20 @@ def test_cosine_run_uses_its_schedule_and_resumes_mid_decay_exactly(tmp_path, fa
     assert a["step"] == b["step"] == 12
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_tensorboard_has_the_training_loss_of_each_level_at_every_log_step(tmp_path, fake_mnist):
+    """train_loss/raw/level_<i>: the mean loss of the samples at level i since the last read-back. With stratified
+    levels (batch 8, 4 levels: 2 samples of each level a step) every level has as many samples, so the levels'
+    mean is the mean of the steps' losses (train_loss/raw) over the same steps."""
+    cfg = tiny_config(fake_mnist, **{"training.n_iters": 6, "training.log_freq": 3, "training.test_freq": 6,
+                                     "training.snapshot_freq": 6, "training.stratified_levels": True})
+    assert train(tmp_path, cfg, "lv") == 0
+    scalars = read_scalars(tmp_path / "run" / "tensorboard" / "lv")
+    levels = [scalars[f"train_loss/raw/level_{i}"] for i in range(4)]
+    assert all(sorted(level) == [3, 6] for level in levels)  # at each log step
+    steps = scalars["train_loss/raw"]
+    for last, window in ((3, (1, 2, 3)), (6, (4, 5, 6))):
+        assert np.mean([level[last] for level in levels]) == pytest.approx(np.mean([steps[s] for s in window]),
+                                                                           rel=1e-5)
+    assert len({level[6] for level in levels}) == 4  # four levels, four values

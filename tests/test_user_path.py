@@ -137,7 +137,7 @@ def test_progress_lines_in_a_log_for_training_and_sampling(tmp_path, fake_mnist,
     base = [*CPU, "--run", str(tmp_path / "run"), "--doc", "r", "--progress", "0.001"]
     assert main.main([*base, "--config", cfg]) == 0
     err = capsys.readouterr().err
-    assert re.search(r"train: 4/4 steps \(100%\), [\d.e+-]+ steps/s, 0 s left, loss \d", err), err
+    assert re.search(r"train: 4/4 steps \(100%\), [\d.e+-]+ steps/s, 0 s left, training loss \d", err), err
     assert re.search(r"train: 1/4 steps \(25%\), [\d.e+-]+ steps/s, \d+ s left", err), err
     assert main.main([*base, "--sample"]) == 0
     err = capsys.readouterr().err

@@ -1,7 +1,9 @@
 """The NCSNv2 switches: EMA, the noise-design rules, the final denoising step, inpainting; and consistent sampling."""
 import math
+import os
 
 import pytest
+import yaml
 import torch
 from scipy.spatial.distance import pdist
 from scipy.stats import norm
@@ -12,7 +14,7 @@ import inpaint
 import noise
 import runner
 from common import read_scalars
-from conftest import CPU, event_files, scalars_of_new_event_files, tiny_config, write_config
+from conftest import CPU, REPO, event_files, scalars_of_new_event_files, tiny_config, write_config
 from test_method import gaussian_score
 
 
@@ -111,9 +113,10 @@ def test_ema_run_checkpoints_resumes_and_samples_with_ema(tmp_path, fake_mnist):
     # the resuming process trained steps 4..6 only: its own event file holds the loss of no earlier step
     new, resumed = scalars_of_new_event_files(tmp_path / "run/tensorboard/half", before, tmp_path / "resumed_tb")
     assert len(new) == 1, new
-    assert sorted(resumed["loss"]) == [4, 5, 6], f"the resumed process logged steps {sorted(resumed['loss'])}"
-    full_loss = read_scalars(tmp_path / "run/tensorboard/full")["loss"]
-    assert resumed["loss"] == {k: full_loss[k] for k in (4, 5, 6)}
+    logged = sorted(resumed["train_loss/raw"])
+    assert logged == [4, 5, 6], f"the resumed process logged steps {logged}"
+    full_loss = read_scalars(tmp_path / "run/tensorboard/full")["train_loss/raw"]
+    assert resumed["train_loss/raw"] == {k: full_loss[k] for k in (4, 5, 6)}
     assert not torch.equal(a["ema"]["end_conv.weight"], a["model"]["end_conv.weight"])
     # sampling uses the EMA weights unless sampling.ema is off
     assert main.main([*CPU, *run, "--doc", "full", "--sample", "-o", str(tmp_path / "ema")]) == 0
@@ -252,3 +255,15 @@ def test_consistent_sampler_through_sample_and_its_refusals(tmp_path, fake_mnist
     assert main.main([*CPU, "--config", path, *run, "--doc", "c", "--inpaint", "square", "-o", str(tmp_path / "i")]) == 1
     assert not (tmp_path / "i").exists()
     assert "--inpaint runs annealed Langevin dynamics only" in capfd.readouterr().err
+
+
+def test_ncsnv2_yml_states_the_settings_it_runs_with_that_ncsnv2_does_not_use():
+    """configs/ncsnv2.yml runs two of this repository's settings, not NCSNv2's: it states both, each with a comment
+    naming NCSNv2's value, instead of inheriting them from the schema unsaid."""
+    with open(os.path.join(REPO, "configs", "ncsnv2.yml")) as f:
+        text = f.read()
+    raw = yaml.safe_load(text)
+    assert raw["sampling"]["init"] == "gaussian" and raw["model"]["ema_warmup"] is True
+    for key, ncsnv2 in (("init: gaussian", "init: uniform"), ("ema_warmup: true", "ema_warmup: false")):
+        line = next(line for line in text.splitlines() if line.strip().startswith(key))
+        assert "not NCSNv2's" in line and ncsnv2 in line, line
