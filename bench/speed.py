@@ -10,6 +10,9 @@ fast:  what `fast:` in config.yml turns on: bf16 autocast with fp32 master weigh
        output kept in fp32), model.py's fast kernels (vectorised ELU, CIN++ statistics from E[x] and E[x^2],
        the pooling as a depthwise convolution), fused Adam (and channels_last if asked); on CUDA also TF32
        and cudnn.benchmark (fast.tf32, fast.cudnn_benchmark). The plain path on CUDA is true fp32 (TF32 off).
+auto:  the path config.yml runs on this machine for this network and batch: fast.auto's choice among fp32 and
+       bf16, NCHW and channels_last (speedpath.py; read from its cache, or timed now and cached), for training
+       and for sampling each, with fast kernels and fused Adam. Its percent of peak is of the chosen dtype's.
 compile: (with --compile) the fast path with the network under torch.compile; its compilation is in the
        warm-up, not in the timings.
 Each variant runs `--repeats` timed repetitions after a warm-up, alternating plain and fast so that load
@@ -29,9 +32,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import build  # noqa: E402
+import schema  # noqa: E402
+import speedpath  # noqa: E402
 from model import CondRefineNetDilated  # noqa: E402
 from noise import get_sigmas  # noqa: E402
 from runner import dsm_loss  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sync(device):
@@ -95,9 +103,10 @@ def memory_of(name, ngf, device, batch, channels_last):
 class Variant:
     """One configuration of model + optimiser + precision, with a timed training and sampling step."""
 
-    def __init__(self, name, ngf, device, batch, fast, channels_last=False, compile=False):
+    def __init__(self, name, ngf, device, batch, fast, channels_last=False, compile=False, bf16=None):
         torch.manual_seed(0)
         self.name, self.device, self.batch, self.fast = name, device, batch, fast
+        self.bf16 = fast if bf16 is None else bf16  # the fast path is bf16; auto's may be fp32
         self.model = CondRefineNetDilated(ngf=ngf, num_classes=10, fast_kernels=fast).to(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
@@ -110,7 +119,7 @@ class Variant:
         self.labels = torch.randint(10, (batch,), device=device)
 
     def autocast(self):
-        if not self.fast:
+        if not self.bf16:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
@@ -145,30 +154,53 @@ class Variant:
         return counter.get_total_flops()
 
 
+def auto_paths(ngf, device, batch):
+    """{"train": name, "sample": name}: the speed paths config.yml (fast.auto) runs for this network and batch."""
+    config = schema.load_config(os.path.join(REPO, "config.yml"), [f"model.ngf={ngf}", "model.num_classes=10"])
+    sigmas = get_sigmas(config.model.sigma_begin, config.model.sigma_end, config.model.num_classes).to(device)
+    paths = {}
+    for kind, step_of in (("train", build.timed_training_step(device, batch, sigmas, dsm_loss)),
+                          ("sample", build.timed_sampling_step(device, batch, sigmas))):
+        _, paths[kind], why = speedpath.choose(config, device, kind, batch, step_of)
+        print(f"auto, ngf {ngf}, {kind}: {paths[kind]}, {why}")
+    return paths
+
+
+def auto_variant(ngf, device, batch, name):
+    bf16, channels_last = speedpath.PATHS[name]
+    return Variant(f"auto ({name})", ngf, device, batch, fast=True, channels_last=channels_last, bf16=bf16)
+
+
 def bench(ngf, device, batch, repeats, channels_last, compile=False):
+    auto = auto_paths(ngf, device, batch)
     variants = [Variant("plain", ngf, device, batch, fast=False),
-                Variant("fast", ngf, device, batch, fast=True, channels_last=channels_last)]
+                Variant("fast", ngf, device, batch, fast=True, channels_last=channels_last),
+                auto_variant(ngf, device, batch, auto["train"])]
+    auto_sample = auto_variant(ngf, device, batch, auto["sample"]) if auto["sample"] != auto["train"] else None
     if compile:
         variants.append(Variant("compile", ngf, device, batch, fast=True, channels_last=channels_last, compile=True))
     steps = 1 if device.type == "cpu" else 10
     results = {v.name: {"train": [], "sample": []} for v in variants}
-    for v in variants:  # warm-up (oneDNN's and cuDNN's kernel choice, compilation) outside the timings
+    for v in variants + [auto_sample] * bool(auto_sample):  # warm-up (kernel choice, compilation) untimed
         v.precision()
         v.train_step()
         v.sample_step()
     for _ in range(repeats):
         for v in variants:  # alternate, so that a noisy neighbour slows both alike
             results[v.name]["train"].append(v.time(v.train_step, steps))
-            results[v.name]["sample"].append(v.time(v.sample_step, steps))
+            results[v.name]["sample"].append(v.time((auto_sample if auto_sample and v.name.startswith("auto")
+                                                     else v).sample_step, steps))
     rows = []
     for v in variants:
-        mem = peak_memory_in_fresh_process(v.name, ngf, device, batch, channels_last) if v.name != "compile" \
+        mem = peak_memory_in_fresh_process(v.name, ngf, device, batch, channels_last) if v.name in ("plain", "fast") \
             else (float("nan"), float("nan"))
         train_s = statistics.median(results[v.name]["train"])
         sample_s = statistics.median(results[v.name]["sample"])
         train_flops, sample_flops = (v.flops(v.train_step), v.flops(v.sample_step)) if v.name != "compile" else \
-            (rows[-1]["train_flops"], rows[-1]["sample_flops"])  # the same arithmetic as the fast path's
-        rows.append(dict(variant=v.name, train_ips=batch / train_s, sample_ips=batch / sample_s, train_s=train_s,
+            (rows[1]["train_flops"], rows[1]["sample_flops"])  # the same arithmetic as the fast path's
+        if v.name.startswith("auto") and auto_sample:
+            v.name = f"auto ({auto['train']} training, {auto['sample']} sampling)"
+        rows.append(dict(variant=v.name, bf16=(v.bf16, (auto_sample or v).bf16), train_ips=batch / train_s, sample_ips=batch / sample_s, train_s=train_s,
                          train_gflops=train_flops / train_s / 1e9, sample_gflops=sample_flops / sample_s / 1e9,
                          mem=mem, train_flops=train_flops, sample_flops=sample_flops))
     return rows
@@ -204,10 +236,10 @@ def main():
         for ngf in args.ngf:
             rows = bench(ngf, device, args.batch, args.repeats, args.channels_last, args.compile)
             for r in rows:
-                peak = peak32 if r["variant"] == "plain" else peak16
+                peak_t, peak_s = (peak16 if bf16 else peak32 for bf16 in r["bf16"])
                 print(f"| {ngf} | {r['variant']} | {r['train_ips']:.1f} | {r['sample_ips']:.1f} | "
-                      f"{r['train_gflops']:.0f} ({100 * r['train_gflops'] * 1e9 / peak:.0f}%) | "
-                      f"{r['sample_gflops']:.0f} ({100 * r['sample_gflops'] * 1e9 / peak:.0f}%) | "
+                      f"{r['train_gflops']:.0f} ({100 * r['train_gflops'] * 1e9 / peak_t:.0f}%) | "
+                      f"{r['sample_gflops']:.0f} ({100 * r['sample_gflops'] * 1e9 / peak_s:.0f}%) | "
                       f"{r['mem'][0] / 2 ** 30:.2f} GiB ({(r['mem'][0] - r['mem'][1]) / 2 ** 30:.2f} GiB) |")
             plain, fast = rows[:2]
             for r in rows[1:]:
