@@ -1,0 +1,73 @@
+"""Every file the repository reads, damaged (a flipped bit, a byte that is not text) or truncated: one line naming
+the file and the way out, a non-zero exit, never a traceback, and the file left as it was. Checkpoints are
+tests/test_checkpoints.py's; here the config YAML (a new run's and a run's own), MNIST's IDX files, the classifier
+cache, metrics.json and the TensorBoard event files that report.ipynb reads (common.read_scalars).
+
+Each damage is placed by the file's structure (a key, a header field, a member, a record), never at a fraction
+of the file's length: the files hold the test's temporary path (data.root), whose length differs between
+machines."""
+import os
+import struct
+import zipfile
+
+import pytest
+import torch
+import yaml
+
+import metrics
+from common import NCSNError
+from conftest import (REPO, TINY_DOC, cli, copy_tiny_run, sets, snapshot_tree, tiny_config, write_config,
+                      write_fake_mnist)
+
+
+def flipped(blob, pos, bit):
+    """`blob` (bytes) with bit `bit` of byte `pos` flipped."""
+    out = bytearray(blob)
+    out[pos] ^= 1 << bit
+    return bytes(out)
+
+
+def assert_one_line(result, code, *words):
+    """cli's result: exit status `code`, one ERROR line holding each of `words`, no traceback."""
+    status, errors, _, _, err = result
+    assert status == code and len(errors) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config YAML
+
+def test_a_damaged_or_truncated_config_is_one_line_naming_it(tmp_path, capsys, fake_mnist):
+    text = yaml.safe_dump(tiny_config(fake_mnist)).encode()
+    cut = text.index(b"\noptim:\n")  # the sections after data, eval, fast and model are gone
+    cases = {
+        "not_utf8.yml": flipped(text, text.index(b"\n  batch_size:") + 3, 7),  # 'b' | 0x80: not UTF-8
+        "control.yml": flipped(text, text.index(b"\n  ngf:") + 1, 5),  # ' ' ^ 0x20: NUL
+        "empty.yml": b"",
+        "truncated.yml": text[:cut],
+    }
+    words = {"not_utf8.yml": "is damaged: byte", "control.yml": "is damaged: byte", "empty.yml": "is empty",
+             "truncated.yml": "missing section 'training'"}
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        assert_one_line(cli(capsys, tmp_path, "--config", tmp_path / name, "--doc", "m"), 2, str(tmp_path / name),
+                        words[name])
+        assert (tmp_path / name).read_bytes() == blob
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_runs_damaged_config_names_it_and_the_way_out(tmp_path, capsys, tiny_run):
+    copy_tiny_run(tiny_run, tmp_path / "run")
+    path = tmp_path / "run" / "logs" / TINY_DOC / "config.yml"
+    text = path.read_bytes()
+    key = text.index(b"\n  n_iters:") + 3  # a line of the training section
+    for blob, words in ((flipped(text, key, 7), "is damaged: byte"),  # 'n' | 0x80: not UTF-8
+                        (text[:text.index(b"\nsampling:\n")], "missing section 'sampling'"),
+                        (flipped(text, key + 2, 1), "unknown key")):  # 'i' ^ 2: n_kters
+        path.write_bytes(blob)
+        before = snapshot_tree(tmp_path / "run")
+        for command in (["--sample", "-o", tmp_path / "o"], ["--resume_training"]):
+            assert_one_line(cli(capsys, tmp_path, "--doc", TINY_DOC, *command), 2, str(path), words,
+                            "restore it from a copy, or pass --config")
+        assert snapshot_tree(tmp_path / "run") == before and not (tmp_path / "o").exists()
