@@ -71,3 +71,27 @@ def test_a_runs_damaged_config_names_it_and_the_way_out(tmp_path, capsys, tiny_r
             assert_one_line(cli(capsys, tmp_path, "--doc", TINY_DOC, *command), 2, str(path), words,
                             "restore it from a copy, or pass --config")
         assert snapshot_tree(tmp_path / "run") == before and not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MNIST's IDX files (truncated and random files: tests/test_bad_inputs.py)
+
+@pytest.mark.parametrize("name,pos,bit,words", [
+    ("train-labels-idx1-ubyte", 2, 0, "TypeError"),  # the type byte: 0x08 (uint8) -> 0x09 (int8)
+    ("train-images-idx3-ubyte", 3, 2, "its IDX header does not match"),  # the number of dimensions: 3 -> 7
+    ("train-images-idx3-ubyte", 7, 0, "is invalid for input of size"),  # the image count: 64 -> 65
+    ("train-labels-idx1-ubyte", 8, 7, "a label outside 0..9"),  # the first label + 128
+])
+def test_a_damaged_mnist_file_is_named(tmp_path, capsys, name, pos, bit, words):
+    data = write_fake_mnist(str(tmp_path / "data"))
+    path = os.path.join(data, "MNIST", "raw", name)
+    with open(path, "rb") as f:
+        blob = flipped(f.read(), pos, bit)
+    with open(path, "wb") as f:
+        f.write(blob)
+    cfg = write_config(tmp_path / "c.yml", tiny_config(data))
+    assert_one_line(cli(capsys, tmp_path, "--config", cfg, "--doc", "m"), 1, f"{path} is truncated or corrupt",
+                    words, "delete it to download it again")
+    with open(path, "rb") as f:
+        assert f.read() == blob
+    assert not (tmp_path / "run").exists()
