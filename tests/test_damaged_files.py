@@ -95,3 +95,40 @@ def test_a_damaged_mnist_file_is_named(tmp_path, capsys, name, pos, bit, words):
     with open(path, "rb") as f:
         assert f.read() == blob
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The classifier cache (truncated and foreign files: tests/test_metrics.py, tests/test_guidance.py)
+
+def member_bytes(path, member):
+    """(offset, length) of the stored bytes of the zip member whose name ends in `member` (torch.save stores
+    every member uncompressed, after its local header)."""
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(member))
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def test_a_flipped_bit_in_the_classifier_cache_is_refused_by_eval(tmp_path, capsys, tiny_run):
+    """torch.load does not check the CRC-32 of a member: a cache whose weights lost a bit loaded without a word."""
+    copy_tiny_run(tiny_run, tmp_path / "run")
+    data = write_fake_mnist(str(tmp_path / "data"))
+    path = os.path.join(data, "MNIST", metrics.CACHE_NAME)
+    torch.save({"format": metrics.CACHE_FORMAT, "model": metrics.DigitClassifier().state_dict(),
+                "test_accuracy": 0.5, "fingerprint": metrics.classifier_fingerprint()}, path)
+    metrics.get_classifier(data, "cpu")  # the intact cache is used as it is
+    with zipfile.ZipFile(path) as z:
+        weight = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size).filename
+    start, length = member_bytes(path, weight)
+    with open(path, "rb") as f:
+        blob = flipped(f.read(), start + length // 2, 0)
+    with open(path, "wb") as f:
+        f.write(blob)
+    before = snapshot_tree(tmp_path / "run")
+    assert_one_line(cli(capsys, tmp_path, "--doc", TINY_DOC, "--eval", *sets(f"data.root={data}")), 1,
+                    f"classifier cache {path} is damaged", "CRC", "delete it to train the classifier again")
+    with open(path, "rb") as f:
+        assert f.read() == blob
+    assert snapshot_tree(tmp_path / "run") == before
