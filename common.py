@@ -1,11 +1,12 @@
-"""What every command of NCSN-MNIST shares: its errors, atomic writes, seeds, snapshot names and TensorBoard's
-scalars (where a run lives is rundir.py).
+"""What every command of NCSN-MNIST shares: its errors, atomic writes, seeds, snapshot names, TensorBoard's
+scalars and metrics.json's records (where a run lives is rundir.py).
 
 Its own module so that runner.py, metrics.py, evaluate.py and the tests can share these without importing
 each other (no module here imports one that imports it back).
 """
 import errno
 import io
+import json
 import os
 import shutil
 import struct
@@ -237,3 +238,31 @@ def read_scalars(tb_dir):
                 if v.HasField("simple_value"):
                     out.setdefault(v.tag, {})[event.step] = v.simple_value
     return out
+
+
+def read_metrics(path):
+    """The records of a run's metrics.json, oldest first: evaluate.py's list of {"step": ..., name: value, ...}, or a
+    {name: {step: value}} file turned into such records; [] where there is no file. A file that is not JSON
+    (damaged, truncated) or holds neither is a one-line NCSNError naming it; nothing is written."""
+    if not os.path.exists(path):
+        return []
+    way_out = "move it aside (evaluate.py then starts a new one)"
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())  # bytes: a byte that is not UTF-8 is an error too (a ValueError)
+    except OSError as e:
+        raise NCSNError(f"cannot read {path}: {e.strerror}") from e
+    except ValueError as e:
+        raise NCSNError(f"{path} is damaged or truncated, not JSON ({str(e).splitlines()[0]}); {way_out}") from e
+    if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
+        data = [{"step": s, name: v} for name, by_step in data.items() for s, v in by_step.items()]
+    if not isinstance(data, list) or not all(isinstance(r, dict) and is_step(r.get("step")) for r in data):
+        raise NCSNError(f"{path} is damaged: not a list of records each with a step; {way_out}")
+    return [{**r, "step": int(r["step"])} for r in data]
+
+
+def is_step(value):
+    """A training step as metrics.json holds it: an int >= 0, or its digits (a JSON object's key)."""
+    if isinstance(value, str):
+        return value.isdigit()
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

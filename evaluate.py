@@ -12,7 +12,7 @@ import torch
 
 import metrics
 from build import read_trained, trained_network
-from common import atomic_save_image, atomic_write_bytes, derive_seed
+from common import atomic_save_image, atomic_write_bytes, derive_seed, read_metrics
 from data import data_space, dequantize, load_mnist
 from progress import Progress
 from runner import draw_samples, dsm_loss, sampling_generator
@@ -47,11 +47,7 @@ def test_loss_per_level(score_fn, to_model, test_u8, sigmas, anneal_power, seed,
 def record_metrics(run, record, levels=None):
     """Append a record to <run>/logs/<doc>/metrics.json (atomically) and its scalars to TensorBoard."""
     path = os.path.join(run.log_dir, "metrics.json")
-    records = []
-    if os.path.exists(path):
-        with open(path) as f:
-            records = json.load(f)
-    records.append(record)
+    records = read_metrics(path) + [record]  # a damaged file: a one-line error, and it stays as it is
     atomic_write_bytes(path, json.dumps(records, indent=1).encode(), "free space there; the checkpoints are unchanged")
     from tensorboardX import SummaryWriter
     with SummaryWriter(run.tb_dir, filename_suffix=f".{time.time_ns()}") as writer:
@@ -69,6 +65,7 @@ def evaluate(config, run, device, seed, ckpt_path):
     metrics.json and written to TensorBoard at the checkpoint's step. `config` (or None: the checkpoint's) gives
     the sampling and eval settings (build.read_trained)."""
     device = torch.device(device)
+    read_metrics(os.path.join(run.log_dir, "metrics.json"))  # a damaged one is reported before minutes of work
     run_cfg, ckpt = read_trained(ckpt_path, config)
     n = run_cfg.eval.n_samples_cpu if device.type == "cpu" else run_cfg.eval.n_samples  # GPU or MPS: the full count
     lo, hi = run.shard(n)

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import metrics
-from common import NCSNError
+from common import NCSNError, read_metrics
 from conftest import (REPO, TINY_DOC, cli, copy_tiny_run, sets, snapshot_tree, tiny_config, write_config,
                       write_fake_mnist)
 
@@ -132,3 +132,23 @@ def test_a_flipped_bit_in_the_classifier_cache_is_refused_by_eval(tmp_path, caps
     with open(path, "rb") as f:
         assert f.read() == blob
     assert snapshot_tree(tmp_path / "run") == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# metrics.json: --eval appends to it, report.ipynb plots it (common.read_metrics both)
+
+def test_a_damaged_or_truncated_metrics_json_stops_eval_before_it_samples(tmp_path, capsys, tiny_run):
+    copy_tiny_run(tiny_run, tmp_path / "run")
+    path = tmp_path / "run" / "logs" / TINY_DOC / "metrics.json"
+    text = b'[\n {\n  "step": 6,\n  "fid": 80.5\n }\n]'
+    assert read_metrics(str(path)) == []
+    path.write_bytes(text)
+    assert read_metrics(str(path)) == [{"step": 6, "fid": 80.5}]
+    for blob, words in ((text[:len(text) - 4], "is damaged or truncated, not JSON"),
+                        (flipped(text, 0, 5), "is damaged or truncated, not JSON"),  # '[' -> '{'
+                        (flipped(text, text.index(b"step"), 0), "is damaged: not a list of records each with a step"),
+                        (flipped(text, text.index(b"fid"), 7), "is damaged or truncated, not JSON")):  # not UTF-8
+        path.write_bytes(blob)
+        before = snapshot_tree(tmp_path / "run")
+        assert_one_line(cli(capsys, tmp_path, "--doc", TINY_DOC, "--eval"), 1, str(path), words, "move it aside")
+        assert snapshot_tree(tmp_path / "run") == before
