@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import metrics
-from common import NCSNError, read_metrics
+from common import NCSNError, read_metrics, read_scalars
 from conftest import (REPO, TINY_DOC, cli, copy_tiny_run, sets, snapshot_tree, tiny_config, write_config,
                       write_fake_mnist)
 
@@ -152,3 +152,59 @@ def test_a_damaged_or_truncated_metrics_json_stops_eval_before_it_samples(tmp_pa
         before = snapshot_tree(tmp_path / "run")
         assert_one_line(cli(capsys, tmp_path, "--doc", TINY_DOC, "--eval"), 1, str(path), words, "move it aside")
         assert snapshot_tree(tmp_path / "run") == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TensorBoard's event files, read back by report.ipynb through common.read_scalars
+
+def write_events(folder, steps=5):
+    """An event file of `steps` scalars 'loss' (step k: 1 / k) written by tensorboardX; returns its path and the
+    offset of each record (the first is the file's version)."""
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(folder)) as writer:
+        for k in range(1, steps + 1):
+            writer.add_scalar("loss", 1.0 / k, k)
+    (name,) = os.listdir(folder)
+    path = os.path.join(folder, name)
+    with open(path, "rb") as f:
+        blob = f.read()
+    starts, pos = [], 0
+    while pos < len(blob):
+        starts.append(pos)
+        pos += 16 + struct.unpack("<Q", blob[pos:pos + 8])[0]
+    return path, starts
+
+
+def test_a_damaged_event_file_is_one_line_and_a_cut_one_keeps_its_whole_records(tmp_path):
+    folder = tmp_path / "tb"
+    path, starts = write_events(folder)
+    with open(path, "rb") as f:
+        blob = f.read()
+    assert len(starts) == 6 and read_scalars(str(folder)) == {"loss": {k: pytest.approx(1.0 / k) for k in range(1, 6)}}
+    for pos, words in ((starts[3] + 16, "its bytes do not match their CRC"),  # the payload of step 3's record
+                       (starts[3] + 1, "its length does not match its CRC"),  # its length
+                       (starts[5] - 2, "its bytes do not match their CRC")):  # step 4's payload CRC
+        damaged = flipped(blob, pos, 0)
+        with open(path, "wb") as f:
+            f.write(damaged)
+        with pytest.raises(NCSNError) as e:
+            read_scalars(str(folder))
+        message = str(e.value)
+        assert f"TensorBoard file {path} is damaged: the record at byte" in message and words in message
+        assert f"move the file out of {folder}" in message and "\n" not in message
+        with open(path, "rb") as f:
+            assert f.read() == damaged
+    for cut, steps in ((blob[:starts[5] + 10], 4), (blob[:starts[5]] + bytes(40), 4), (blob[:starts[1] - 1], 0)):
+        with open(path, "wb") as f:  # a crash while writing: the whole records before it are read
+            f.write(cut)
+        assert sorted(read_scalars(str(folder)).get("loss", {})) == list(range(1, steps + 1))
+
+
+def test_the_notebook_reads_through_the_functions_tested_here():
+    import json
+
+    with open(os.path.join(REPO, "report.ipynb")) as f:
+        code = "".join("".join(c["source"]) for c in json.load(f)["cells"] if c["cell_type"] == "code")
+    assert "read_scalars(TB_DIR)" in code and "read_metrics(" in code and "load_config(" in code
+    assert "json.load" not in code and "yaml.safe_load" not in code
