@@ -1,11 +1,12 @@
-"""What every command of NCSN-MNIST shares: its errors, atomic writes, seeds, snapshot names and TensorBoard's
-scalars (where a run lives is rundir.py).
+"""What every command of NCSN-MNIST shares: its errors, atomic writes, seeds, snapshot names, TensorBoard's
+scalars and metrics.json's records (where a run lives is rundir.py).
 
 Its own module so that runner.py, metrics.py, evaluate.py and the tests can share these without importing
 each other (no module here imports one that imports it back).
 """
 import errno
 import io
+import json
 import os
 import shutil
 import struct
@@ -218,22 +219,72 @@ def chosen_checkpoint(run, ckpt=None):
 
 
 def read_scalars(tb_dir):
-    """All scalars in the TensorBoard event files of `tb_dir`: {tag: {step: value}} (later files win)."""
+    """All scalars in the TensorBoard event files of `tb_dir`: {tag: {step: value}} (later files win).
+
+    Each TFRecord carries the masked CRC-32C of its length and of its bytes, checked here: a record cut off at a
+    file's end (training stopped while writing, or a run still writing) ends that file, as in TensorBoard; a record
+    that does not match its CRC is a one-line NCSNError naming the file and where."""
+    from google.protobuf.message import DecodeError
     from tensorboardX.proto import event_pb2
+    from tensorboardX.record_writer import masked_crc32c
 
     out = {}
     files = sorted(f for f in os.listdir(tb_dir) if "tfevents" in f) if os.path.isdir(tb_dir) else []
     for name in files:
-        with open(os.path.join(tb_dir, name), "rb") as f:
+        path = os.path.join(tb_dir, name)
+        with open(path, "rb") as f:
             data = f.read()
         pos = 0
         while pos + 12 <= len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            (n,), (n_crc,) = struct.unpack("<Q", data[pos:pos + 8]), struct.unpack("<I", data[pos + 8:pos + 12])
+            if masked_crc32c(data[pos:pos + 8]) != n_crc:
+                if not any(data[pos:]):
+                    break  # an all-zero tail: the blocks of a write that a crash did not finish
+                raise damaged_events(path, pos, "its length does not match its CRC")
             if pos + 16 + n > len(data):
-                break  # a record cut off by a crash
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+                break  # a record cut off at the end
+            payload, (crc,) = data[pos + 12:pos + 12 + n], struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])
+            if masked_crc32c(payload) != crc:
+                raise damaged_events(path, pos, "its bytes do not match their CRC")
+            try:
+                event = event_pb2.Event.FromString(payload)
+            except DecodeError as e:
+                raise damaged_events(path, pos, "not a TensorBoard event") from e
             pos += 16 + n
             for v in event.summary.value:
                 if v.HasField("simple_value"):
                     out.setdefault(v.tag, {})[event.step] = v.simple_value
     return out
+
+
+def damaged_events(path, pos, why):
+    return NCSNError(f"TensorBoard file {path} is damaged: the record at byte {pos:,}: {why}; move the file out of "
+                     f"{os.path.dirname(path)} to read the others")
+
+
+def read_metrics(path):
+    """The records of a run's metrics.json, oldest first: evaluate.py's list of {"step": ..., name: value, ...}, or a
+    {name: {step: value}} file turned into such records; [] where there is no file. A file that is not JSON
+    (damaged, truncated) or holds neither is a one-line NCSNError naming it; nothing is written."""
+    if not os.path.exists(path):
+        return []
+    way_out = "move it aside (evaluate.py then starts a new one)"
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())  # bytes: a byte that is not UTF-8 is an error too (a ValueError)
+    except OSError as e:
+        raise NCSNError(f"cannot read {path}: {e.strerror}") from e
+    except ValueError as e:
+        raise NCSNError(f"{path} is damaged or truncated, not JSON ({str(e).splitlines()[0]}); {way_out}") from e
+    if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
+        data = [{"step": s, name: v} for name, by_step in data.items() for s, v in by_step.items()]
+    if not isinstance(data, list) or not all(isinstance(r, dict) and is_step(r.get("step")) for r in data):
+        raise NCSNError(f"{path} is damaged: not a list of records each with a step; {way_out}")
+    return [{**r, "step": int(r["step"])} for r in data]
+
+
+def is_step(value):
+    """A training step as metrics.json holds it: an int >= 0, or its digits (a JSON object's key)."""
+    if isinstance(value, str):
+        return value.isdigit()
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -17,8 +17,13 @@ LOGIT_LAMBDA = 1e-6  # logit_transform keeps pixels in [lam, 1 - lam]
 MNIST_MEAN = 0.1307  # the mean pixel of the 60,000 training digits in [0, 1]
 
 
+IDX_ERRORS = (AssertionError, ValueError, TypeError, IndexError, KeyError, EOFError, RuntimeError)  # what
+# torchvision's IDX reader raises for a file whose header or length is wrong
+
+
 def _mnist(root, train, download):
-    """torchvision's MNIST dataset from <root>/MNIST/raw, downloading only missing files; one-line errors."""
+    """torchvision's MNIST dataset from <root>/MNIST/raw, downloading only missing files; one-line errors naming
+    the file at fault."""
     import torchvision  # slow to import; only the paths that read data need it
 
     raw = os.path.join(root, "MNIST", "raw")
@@ -26,17 +31,40 @@ def _mnist(root, train, download):
     if missing and download:
         log.info("MNIST not found in %s: downloading it", raw)
     try:
-        return torchvision.datasets.MNIST(root, train=train, download=bool(missing) and download)
+        dataset = torchvision.datasets.MNIST(root, train=train, download=bool(missing) and download)
     except (RuntimeError, OSError) as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if any(not os.path.isfile(os.path.join(raw, f)) for f in MNIST_FILES):
             raise NCSNError(f"MNIST is missing from {raw} and could not be downloaded ({why.rstrip(':')}); "
                             f"offline, put the four files {', '.join(MNIST_FILES)} there") from e
-        raise NCSNError(f"an MNIST file in {raw} is truncated or corrupt ({why}); delete it to download it "
-                        f"again, or copy it afresh") from e
-    except (AssertionError, ValueError, IndexError, KeyError, EOFError) as e:
-        raise NCSNError(f"an MNIST file in {raw} is truncated or corrupt ({type(e).__name__}); "
-                        f"delete it to download it again, or copy it afresh") from e
+        raise damaged_mnist(raw, train, why) from e
+    except IDX_ERRORS as e:
+        raise damaged_mnist(raw, train, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from e
+    labels = MNIST_FILES[1] if train else MNIST_FILES[3]
+    if len(dataset.targets) != len(dataset.data):
+        raise damaged_mnist(raw, train, f"{len(dataset.data)} images but {len(dataset.targets)} labels", labels)
+    if len(dataset.targets) and not 0 <= int(dataset.targets.min()) <= int(dataset.targets.max()) <= 9:
+        raise damaged_mnist(raw, train, f"a label outside 0..9: {int(dataset.targets.max())}", labels)
+    return dataset
+
+
+def damaged_mnist(raw, train, why, name=None):
+    """The one-line NCSNError of a damaged MNIST file of the split in the folder `raw`: the file `name`, or the
+    first of the split's two files that torchvision's IDX reader refuses on its own (else the folder)."""
+    from torchvision.datasets import mnist
+
+    if name is None:
+        images, labels = MNIST_FILES[:2] if train else MNIST_FILES[2:]
+        for name, read in ((images, mnist.read_image_file), (labels, mnist.read_label_file)):
+            try:
+                read(os.path.join(raw, name))
+            except IDX_ERRORS as e:
+                why = f"{type(e).__name__}: {e}" if str(e) else "its IDX header does not match its length"
+                break
+        else:
+            name = None
+    where = os.path.join(raw, name) if name else f"an MNIST file in {raw}"
+    return NCSNError(f"{where} is truncated or corrupt ({why}); delete it to download it again, or copy it afresh")
 
 
 def load_mnist(root, train, download=True):

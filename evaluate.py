@@ -12,7 +12,7 @@ import torch
 
 import metrics
 from build import WEIGHTS, read_trained, sampling_weights, trained_network
-from common import atomic_save_image, atomic_write_bytes, derive_seed
+from common import atomic_save_image, atomic_write_bytes, derive_seed, read_metrics
 from data import data_space, dequantize, load_mnist
 from progress import Progress
 from runner import draw_samples, dsm_loss, sampling_generator
@@ -58,11 +58,7 @@ def record_metrics(run, record, levels=None, weights=None):
     under metric_tag, and the per-level test loss `levels` of the `weights` ("ema" or "raw") as
     test_loss/<weights>/level_<i>."""
     path = os.path.join(run.log_dir, "metrics.json")
-    records = []
-    if os.path.exists(path):
-        with open(path) as f:
-            records = json.load(f)
-    records.append(record)
+    records = read_metrics(path) + [record]  # a damaged file: a one-line error, and it stays as it is
     atomic_write_bytes(path, json.dumps(records, indent=1).encode(), "free space there; the checkpoints are unchanged")
     from tensorboardX import SummaryWriter
     with SummaryWriter(run.tb_dir, filename_suffix=f".{time.time_ns()}") as writer:
@@ -81,6 +77,7 @@ def evaluate(config, run, device, seed, ckpt_path):
     TensorBoard at the checkpoint's step. `config` (or None: the checkpoint's) gives the sampling and eval settings
     (build.read_trained)."""
     device = torch.device(device)
+    read_metrics(os.path.join(run.log_dir, "metrics.json"))  # a damaged one is reported before minutes of work
     run_cfg, ckpt = read_trained(ckpt_path, config)
     n, n_loss = run_cfg.eval.n_samples, run_cfg.eval.loss_images  # one count on every device: figures compare
     lo, hi = run.shard(n)

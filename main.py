@@ -145,7 +145,8 @@ def resolve_config(args):
     if args.mode in RUN_CONFIG_MODES and args.config is None and args.doc is not None:
         path = run_config_path(args)
         if os.path.isfile(path):
-            return load_config(path, args.set)
+            return load_config(path, args.set, f"; it is run {args.doc}'s own config: restore it from a copy, or "
+                                               f"pass --config FILE with the run's settings")
         if args.mode in SAMPLE_MODES and not args.set:
             return None  # a run folder without config.yml (made by hand): the checkpoint's config
         raise ConfigError(f"run {args.doc} has no {path}: train it first, or pass --config")

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoint import damage
 from common import NCSNError, atomic_torch_save
 from progress import Progress
 from data import load_mnist, load_mnist_labels
@@ -217,14 +218,18 @@ def cache_places(data_root, name, fallback):
 
 def read_cache(path, keys=("model", "fingerprint", "test_accuracy"), what="classifier", fmt=CACHE_FORMAT):
     """The classifier cache dict at `path` (torch.load with weights_only=True, onto the CPU), checked to be of
-    format `fmt` and to hold `keys`; a one-line NCSNError naming `what` if it is unreadable or not such a cache.
-    Both caches are read here: this module's (the defaults) and guidance.py's."""
+    format `fmt` and to hold `keys`; a one-line NCSNError naming `what` if it is unreadable, damaged (a member
+    whose bytes do not match their CRC-32, which torch.load does not check: checkpoint.damage) or not such a
+    cache. Both caches are read here: this module's (the defaults) and guidance.py's."""
     try:
         cache = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file raises one of several types
         first = str(e).splitlines()[0] if str(e) else ""
         raise NCSNError(f"{what} cache {path} is truncated or not a cache of this code ({type(e).__name__}: "
                         f"{first}); delete it to train the classifier again") from e
+    problem = damage(path)  # what torch.load read without a word: a flipped bit in the weights
+    if problem is not None:
+        raise NCSNError(f"{what} cache {path} is {problem}; delete it to train the classifier again")
     if not isinstance(cache, dict) or cache.get("format") != fmt or not set(keys) <= set(cache):
         raise NCSNError(f"{what} cache {path} is not a cache of this code (format {fmt}); "
                         f"delete it to train the classifier again")

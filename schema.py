@@ -268,23 +268,37 @@ def apply_sets(raw, sets):
 
 
 def read_yaml(path):
-    """The nested dict of a YAML config file (ConfigLoader); a one-line ConfigError if unreadable."""
+    """The nested dict of a YAML config file (ConfigLoader); a one-line ConfigError if unreadable, not text (a
+    damaged byte), not YAML or empty."""
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:  # bytes: PyYAML checks the encoding, and a damaged byte is a ReaderError
             raw = yaml.load(f, Loader=ConfigLoader)
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    except yaml.reader.ReaderError as e:
+        raise ConfigError(f"config {path} is damaged: byte {e.position} is not YAML text ({e.reason})") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"config {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from e
+    if raw is None:
+        raise ConfigError(f"config {path} is empty (no settings in it)")
     return raw
 
 
-def load_config(path, sets=()):
-    """Read a YAML file, apply --set overrides and validate the result once. Raises ConfigError."""
+def load_config(path, sets=(), hint=""):
+    """Read a YAML file, apply --set overrides and validate the result once. Raises ConfigError, whose message
+    names the file and ends with `hint` (the way out) where the file itself is at fault."""
     source = f"config {path}" + (" with --set" if sets else "")
-    return config_from_dict(apply_sets(with_retired_keys(read_yaml(path)), sets), source=source)
+    try:
+        raw = read_yaml(path)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{hint}") from e
+    raw = apply_sets(with_retired_keys(raw), sets)
+    try:
+        return config_from_dict(raw, source=source)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{hint}" if str(e).startswith(source) else f"{source}: {e}{hint}") from e
 
 
 # Keys added after a checkpoint format was in use whose old behaviour is not their default: a checkpoint's config

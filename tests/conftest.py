@@ -239,3 +239,42 @@ def scalars_of_new_event_files(tb_dir, before, tmp):
     for name in new:
         shutil.copy(os.path.join(tb_dir, name), os.path.join(tmp, name))
     return new, read_scalars(tmp)
+
+
+class FakeClock:
+    """The `time` module of the modules that keep time for training (runner, bookkeeping, progress), so that a
+    test of a time budget or of progress lines asserts their logic, not this machine's speed: time() and
+    perf_counter() read `now`, which moves only by advance(seconds) (or sleep) and by `tick` after each
+    perf_counter() call, so that each span timed with two calls (a network evaluation) takes `tick` seconds. The
+    default values are binary fractions: sums of them are exact. Anything else is the real module's."""
+
+    def __init__(self, now=1024.0, tick=0.0):
+        self.now, self.tick = now, tick
+
+    def time(self):
+        return self.now
+
+    def perf_counter(self):
+        t = self.now
+        self.now += self.tick
+        return t
+
+    def advance(self, seconds):
+        self.now += seconds
+
+    sleep = advance
+
+    def __getattr__(self, name):
+        import time
+        return getattr(time, name)
+
+
+def fake_clock(monkeypatch, now=1024.0, tick=0.0):
+    """A FakeClock as the `time` of runner.py, bookkeeping.py and progress.py for this test."""
+    import bookkeeping
+    import progress
+    import runner
+    clock = FakeClock(now, tick)
+    for module in (runner, bookkeeping, progress):
+        monkeypatch.setattr(module, "time", clock)
+    return clock

@@ -112,5 +112,6 @@ def test_an_older_config_with_cpu_counts_loads_with_them_as_its_counts(tmp_path)
     assert load_config(str(path), ["eval.n_samples=300"]).eval.n_samples == 300  # --set wins over the old key
     assert checkpoint.checkpoint_config({"config": old}, "old.pth").eval == c.eval  # a checkpoint's config too
     assert "n_samples_cpu" not in with_legacy_values(old)["eval"] and old["eval"]["n_samples_cpu"] == 100
-    with pytest.raises(ConfigError, match=r"^config key eval.n_samples_cpu: no longer used: .* set eval.n_samples"):
+    with pytest.raises(ConfigError, match=r"^config \S+config.yml with --set: config key eval.n_samples_cpu: "
+                                         r"no longer used: .* set eval.n_samples"):
         load_config(os.path.join(REPO, "config.yml"), ["eval.n_samples_cpu=5"])

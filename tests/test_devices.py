@@ -165,8 +165,9 @@ def test_deterministic_resize_is_bilinear_interpolation():
         torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-12)
 
 
-def test_deterministic_flag_trains_the_same_twice(tmp_path, fake_mnist):
+def test_deterministic_flag_trains_the_same_twice(tmp_path, fake_mnist, monkeypatch):
     """--deterministic turns torch's deterministic algorithms on for the run (and the run still trains)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # the run sets it: unset again after this test
     cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 3}))
     try:
         for doc in ("a", "b"):

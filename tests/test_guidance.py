@@ -12,6 +12,7 @@ import runner
 from common import NCSNError
 from conftest import CPU, snapshot_tree, tiny_config, write_config, write_fake_mnist
 from schema import config_from_dict
+from test_damaged_files import flipped, member_bytes
 
 # Two Gaussians N(+-MU e_1, S0^2 I) in 2-D with equal weights: noised at sigma, component k is N(m_k, v I) with
 # v = S0^2 + sigma^2, the score of the mixture is -(x - E[m | x]) / v and the posterior p(k | x) is a softmax of
@@ -114,6 +115,15 @@ def test_the_classifier_cache(tmp_path, monkeypatch):
     torch.save({**cache, "fingerprint": "made by other code"}, path)  # a stale cache is retrained, not used
     guidance.get_guidance_classifier(config, sigmas, "cpu")
     assert torch.load(path, weights_only=True)["fingerprint"] == guidance.guidance_fingerprint(sigmas, False)
+
+    with open(path, "rb") as f:  # a bit of a weight flipped: torch.load reads it without a word, the CRC does not
+        intact = f.read()
+    start, length = member_bytes(path, "/data/0")
+    with open(path, "wb") as f:
+        f.write(flipped(intact, start + length // 2, 0))
+    with pytest.raises(NCSNError, match=r"guidance classifier cache .* is damaged \(CRC") as e:
+        guidance.get_guidance_classifier(config, sigmas, "cpu")
+    assert "\n" not in str(e.value) and "delete it to train the classifier again" in str(e.value)
 
     with open(path, "wb") as f:
         f.write(b"not a checkpoint")

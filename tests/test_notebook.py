@@ -149,3 +149,24 @@ def test_notebook_runs_with_its_own_defaults_after_the_readme_quick_commands(fak
         assert len(outputs(nb, "image/png")) >= 4  # losses, samples, trajectory, snapshot grids
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.slow  # a Jupyter kernel of its own: it starts and imports torch
+def test_notebook_says_in_one_line_which_file_is_damaged_and_plots_the_rest(nb_run):
+    """A flipped bit in the run's TensorBoard file and a truncated metrics.json: one line each, the other plots."""
+    run, images = nb_run
+    shutil.copytree(run / "logs" / TINY_DOC, run / "logs" / "damaged")
+    shutil.copytree(run / "tensorboard" / TINY_DOC, run / "tensorboard" / "damaged")
+    tb = run / "tensorboard" / "damaged"
+    name = max(os.listdir(tb), key=lambda f: os.path.getsize(tb / f))  # the training loss's file
+    blob = bytearray((tb / name).read_bytes())
+    blob[len(blob) // 2] ^= 1  # inside some record: its bytes or its length no longer match their CRC
+    (tb / name).write_bytes(bytes(blob))
+    (run / "logs" / "damaged" / "metrics.json").write_text('[{"step": 6, "fid": 8')
+    nb = execute(read_notebook(), run, "damaged", images)
+    text = "".join(outputs(nb, "stream"))
+    assert f"no TensorBoard scalars: TensorBoard file {tb / name} is damaged" in text
+    assert "metrics.json not shown: " in text and "is damaged or truncated, not JSON" in text
+    assert "no 'train_loss/raw' scalars: the training (raw weights) loss is not shown" in text
+    # the loss figure (its s = 0 line only), the samples, the trajectory, the fresh samples drawn through ncsn.py
+    assert len(outputs(nb, "image/png")) == 4

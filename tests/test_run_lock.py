@@ -13,20 +13,20 @@ import pytest
 import runner
 from conftest import REPO, TINY_DOC, cli, copy_tiny_run, snapshot_tree, tiny_config, write_config
 
-HOLDER = """import sys, time
+HOLDER = """import sys
 sys.path.insert(0, {repo!r})
 from rundir import Run, RunLock
 lock = RunLock(Run({root!r}, {doc!r}))
 lock.take()
 print("held", flush=True)
-time.sleep(120)
+sys.stdin.read()  # until killed (or this test's process is gone): no time limit that a slow machine could reach
 """
 
 
 def hold_lock(root, doc):
     """Another process that takes the run folder's lock as a training command does, and keeps it until killed."""
     holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(repo=REPO, root=str(root), doc=doc)],
-                              stdout=subprocess.PIPE, text=True)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
 

@@ -4,14 +4,14 @@ import os
 import re
 import shlex
 import signal
-import time
 
 import pytest
 import torch
 import yaml
 
 import main
-from conftest import CPU, REPO, TINY_DOC, copy_tiny_run, run_main, sets, snapshot_tree, tiny_config, write_config
+from conftest import (CPU, REPO, TINY_DOC, copy_tiny_run, fake_clock, run_main, sets, snapshot_tree, tiny_config,
+                      write_config)
 
 TINY_SETS = ["training.batch_size=8", "training.snapshot_freq=2", "training.test_freq=2", "training.log_freq=1",
              "training.snapshot_grid=0", "model.ngf=4", "model.num_classes=4", "sampling.n_steps_each=2",
@@ -148,19 +148,21 @@ def test_progress_lines_in_a_log_for_training_and_sampling(tmp_path, fake_mnist,
 
 def test_a_long_job_says_how_long_before_it_starts(monkeypatch, ncsn_log):
     import progress
+    clock = fake_clock(monkeypatch)
     monkeypatch.setattr(progress, "LONG_JOB_SECONDS", 0.0)
     with progress.Progress(1000, "sample", "steps", on="cpu") as p:
-        time.sleep(0.01)
+        clock.advance(0.125)
         p.update(1)
+        clock.advance(0.0625)
         p.update(1)
     warned = [m for m in ncsn_log if "will take about" in m]
-    assert len(warned) == 1 and "1000 steps will take about" in warned[0]  # the whole job, not what is left
+    assert len(warned) == 1 and "1000 steps will take about 1 min 03 s" in warned[0]  # the whole job: 998 / 16 + 0.19 s
     assert "on cpu" in warned[0]
     monkeypatch.setattr(progress, "LONG_JOB_SECONDS", 60.0)  # a slow first unit (compiling) does not size the job
     with progress.Progress(1000, "quick", "steps") as p:
-        time.sleep(0.3)  # at this rate 1000 steps would take 300 s
+        clock.advance(0.25)  # at this rate 1000 steps would take 250 s
         p.update(1)
-        time.sleep(0.001)
+        clock.advance(0.0009765625)  # 10 steps in 1/1024 s: the other 989 take a second
         p.update(10)
     assert not [m for m in ncsn_log if m.startswith("quick:") and "will take about" in m]
 
