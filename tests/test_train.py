@@ -37,7 +37,8 @@ def test_training_run_writes_checkpoints_config_log_and_tensorboard(tmp_path, fa
     assert "step 6: saved checkpoint_6.pth" in (logs / "stdout.txt").read_text()
     c = ckpt(tmp_path, "t")
     assert set(c) == {"format", "model", "ema", "optimizer", "step", "config", "seed", "rng", "speed_paths"}
-    assert c["speed_paths"] == [{"first": 1, "last": c["step"], "path": "fp32", "machine": c["speed_paths"][0]["machine"]}]
+    assert c["speed_paths"] == [{"first": 1, "last": c["step"], "path": "fp32",
+                              "machine": c["speed_paths"][0]["machine"]}]
     assert (c["step"], c["config"]) == (6, written)
     assert torch.equal(c["model"]["end_conv.weight"], ckpt(tmp_path, "t", "checkpoint_6.pth")["model"]["end_conv.weight"])
     scalars = read_scalars(tmp_path / "run" / "tensorboard" / "t")
