@@ -71,7 +71,7 @@ def set_deterministic(on):
 
 def warn_slow_precision(config, device):
     """One logged line when fast.bf16 is on for a CPU without native bf16 (no AVX512-BF16 or AMX): there oneDNN
-    emulates it, several times slower than fp32 (docs/design.md#precision-fp32-by-default)."""
+    emulates it, several times slower than fp32 (docs/design.md#precision-the-path-per-machine)."""
     if not config.fast.bf16 or device.type != "cpu":
         return
     try:

@@ -198,9 +198,10 @@ def bench(ngf, device, batch, repeats, channels_last, compile=False):
         sample_s = statistics.median(results[v.name]["sample"])
         train_flops, sample_flops = (v.flops(v.train_step), v.flops(v.sample_step)) if v.name != "compile" else \
             (rows[1]["train_flops"], rows[1]["sample_flops"])  # the same arithmetic as the fast path's
-        if v.name.startswith("auto") and auto_sample:
+        sampler = auto_sample if auto_sample and v.name.startswith("auto") else v  # the variant timed sampling
+        if sampler is not v:
             v.name = f"auto ({auto['train']} training, {auto['sample']} sampling)"
-        rows.append(dict(variant=v.name, bf16=(v.bf16, (auto_sample or v).bf16), train_ips=batch / train_s, sample_ips=batch / sample_s, train_s=train_s,
+        rows.append(dict(variant=v.name, bf16=(v.bf16, sampler.bf16), train_ips=batch / train_s, sample_ips=batch / sample_s, train_s=train_s,
                          train_gflops=train_flops / train_s / 1e9, sample_gflops=sample_flops / sample_s / 1e9,
                          mem=mem, train_flops=train_flops, sample_flops=sample_flops))
     return rows
