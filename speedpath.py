@@ -169,7 +169,8 @@ def choose(config, device, kind, batch, step_builder, deterministic=False, world
     key, path = choice_key(config, device, kind, batch), cache_path()
     cached = read_cache(path).get(key)
     if isinstance(cached, dict) and cached.get("path") in PATHS:
-        return with_path(config, cached["path"]), cached["path"], f"cached in {path} ({timings(cached['seconds'])})"
+        why = f"cached in {path} ({timings(cached.get('seconds') or {})})"
+        return with_path(config, cached["path"]), cached["path"], why
     names = candidates(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     log.info("fast.auto: timing %d speed paths for %s at batch %d (%d + %d steps each): %s", len(names), kind, batch,
@@ -195,7 +196,8 @@ def kept_path(ckpt, device):
 
 
 def timings(seconds):
-    return ", ".join(f"{name} {s:.3g} s" for name, s in sorted(seconds.items(), key=lambda kv: kv[1]))
+    """"bf16 5.34 s, fp32 9.47 s": the timings a choice was made from, fastest first."""
+    return ", ".join(f"{name} {s:.3g} s" for name, s in sorted(seconds.items(), key=lambda kv: float(kv[1])))
 
 
 def log_choice(kind, name, why):
