@@ -74,13 +74,17 @@ def warn_slow_precision(config, device):
     emulates it, several times slower than fp32 (docs/design.md#precision-the-path-per-machine)."""
     if not config.fast.bf16 or device.type != "cpu":
         return
-    try:
-        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        return
-    if not native:
+    if cpu_native_bf16() is False:  # None: this torch cannot tell, and nothing is said
         log.warning("fast.bf16 is on, but this CPU (%s) has no native bf16: expect it to run several times slower "
                     "than fp32; set fast.bf16: false", torch.backends.cpu.get_cpu_capability())
+
+
+def cpu_native_bf16():
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX); None where this torch cannot tell."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def set_precision(config, device):

@@ -51,12 +51,7 @@ def with_path(config, name):
 def native_bf16(device):
     """Whether bf16 runs natively here: on a CPU only with AVX512-BF16 or AMX (oneDNN's check); elsewhere where
     autocast has it."""
-    if device.type != "cpu":
-        return devices.bf16_autocast_ok(device)
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return bool(devices.cpu_native_bf16()) if device.type == "cpu" else devices.bf16_autocast_ok(device)
 
 
 def candidates(device):
@@ -122,9 +117,8 @@ def read_cache(path):
         return {}
 
 
-def write_cache(path, key, entry):
-    choices = read_cache(path)
-    choices[key] = entry
+def write_cache(path, choices):
+    """Write the cached choices {key: entry} to `path` atomically; a warning, not an error, where it cannot."""
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         atomic_write_bytes(path, json.dumps({"format": CACHE_FORMAT, "choices": choices}, indent=1).encode())
@@ -167,7 +161,8 @@ def choose(config, device, kind, batch, step_builder, deterministic=False, world
     if keep in PATHS:
         return with_path(config, keep), keep, "the path this run was trained on here until its checkpoint"
     key, path = choice_key(config, device, kind, batch), cache_path()
-    cached = read_cache(path).get(key)
+    choices = read_cache(path)
+    cached = choices.get(key)
     if isinstance(cached, dict) and cached.get("path") in PATHS:
         why = f"cached in {path} ({timings(cached.get('seconds') or {})})"
         return with_path(config, cached["path"]), cached["path"], why
@@ -177,7 +172,7 @@ def choose(config, device, kind, batch, step_builder, deterministic=False, world
              WARM_UP_STEPS, TIMED_STEPS, ", ".join(names))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's RNGs untouched
         best, seconds = fastest(names, lambda name: step_builder(with_path(config, name)), clock, sync)
-    write_cache(path, key, {"path": best, "seconds": seconds})
+    write_cache(path, {**choices, key: {"path": best, "seconds": seconds}})
     dropped = [n for n in PATHS if n not in names]
     why = f"timed here ({timings(seconds)})" + (f"; not timed: {', '.join(dropped)} (no native bf16 on this CPU)"
                                                  if dropped else "")
