@@ -151,8 +151,7 @@ def read_trained(ckpt_path, config):
     return run_cfg, ckpt
 
 
-WEIGHTS = {"ema": "EMA", "raw": "raw"}  # the weights a loss or a sample comes from, as tags and records name them ->
-#                                        as log lines and plots do
+WEIGHTS = {"ema": "EMA", "raw": "raw"}  # the weights of a loss or a sample: its tag's name -> its log lines' name
 
 
 def sampling_weights(config):

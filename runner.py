@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 import devices
-from build import (compile_model, make_model, make_optimizer, make_score_fn, read_trained, trained_network,
-                   training_path, warm_up_training)
+from build import (compile_model, make_model, make_optimizer, make_score_fn, read_trained, sampling_weights,
+                   trained_network, training_path, warm_up_training)
 from checkpoint import check_resumable, latest_checkpoint, make_checkpoint, restore
 from common import NCSNError, derive_seed
 from data import (MNIST_MEAN, EpochOrder, batch_noise, data_space, dequantize, dsm_noise, load_mnist,
@@ -222,8 +222,8 @@ class TrainState:
                    (path, step + 1, list(ckpt.get("speed_paths") or []) if ckpt else []))
 
     def sampling_score_fn(self):
-        """s(x, i) of the weights --sample uses (EMA with model.ema and sampling.ema): grids, test loss, metrics."""
-        weights = self.ema if self.ema is not None and self.config.sampling.ema else self.model
+        """s(x, i) of the weights --sample uses (build.sampling_weights): grids, test loss, metrics."""
+        weights = self.ema if sampling_weights(self.config) == "ema" else self.model
         return make_score_fn(weights, self.config, self.device, self.sigmas)
 
     def checkpoint(self):
