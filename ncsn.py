@@ -59,8 +59,9 @@ class OpenRun:
     def sample(self, n, digit=None, sampler=None, steps=None, step_lr=None, seed=None, guidance_scale=None):
         """n samples (n, 1, 28, 28) in [0, 1] on the CPU, drawn from `seed` (default: the run's) by the config's
         sampler, or by `sampler` ("langevin" or "consistent"), with `steps` steps a level (sampling.n_steps_each)
-        and `step_lr` (sampling.step_lr) where given; with `digit` (0 to 9, or "all" for n / 10 of each) steered to that digit by classifier guidance at
-        `guidance_scale` (default sampling.guidance_scale), as main.py --sample --digit does."""
+        and `step_lr` (sampling.step_lr) where given; with `digit` (0 to 9, or "all" for n / 10 of each) steered to
+        that digit by classifier guidance at `guidance_scale` (default sampling.guidance_scale), as main.py --sample
+        --digit does."""
         scfg = self.config.sampling
         scfg = dataclasses.replace(scfg, n_samples=n, sampler=sampler or scfg.sampler,
                                    n_steps_each=scfg.n_steps_each if steps is None else steps,
