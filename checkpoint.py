@@ -36,7 +36,8 @@ RESUMABLE_CHANGES = {
     "sampling.denoise", "sampling.ema", "sampling.init", "sampling.guidance_scale", "sampling.sampler",
     "fast.auto", "fast.bf16", "fast.fast_kernels", "fast.fused_adam", "fast.channels_last", "fast.tf32",
     "fast.cudnn_benchmark", "fast.compile", "fast.compile_norms",
-    "eval.n_samples", "eval.every_snapshots", "eval.n_training", "eval.loss_images"}
+    "eval.n_samples", "eval.every_snapshots", "eval.n_training", "eval.loss_images",
+    "eval.max_minutes"}
 
 
 def load_model_state(model, state, path):

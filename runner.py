@@ -373,17 +373,16 @@ def initial_samples(config, sigmas, n, generator, device):
 
 
 def draw_samples(score_fn, sigmas, config, n, generator, device, callback=None, score_for_batch=None,
-                 desc=None):
-    """n samples by sampling.sampler (run_sampler) from `initial_samples`, in batches of sampling.batch_size;
-    `callback` sees the first batch only. Returns the raw final tensor (n, 1, 28, 28) on the CPU.
-    score_for_batch(start, stop), when given, is the score function of samples start..stop in place of
-    score_fn (class-conditional sampling gives each batch its own digits: guidance.py). With `desc`, progress
-    (progress.Progress) counts the sampler's steps of all batches under that name."""
-    scfg, batches = config.sampling, []
-    n_batches = math.ceil(n / scfg.batch_size)
-    with Progress(n_batches * sampler_steps(scfg, sigmas), desc or "", "steps", on=device,
-                  enabled=desc is not None) as progress:
-        for b in range(0, n, scfg.batch_size):
+                 desc=None, done=None, on_batch=None):
+    """n samples of sampling.sampler (run_sampler) from `initial_samples` in batches of sampling.batch_size, the raw
+    final tensor (n, 1, 28, 28) on the CPU; `callback` sees the first batch only. score_for_batch(start, stop): the
+    score function of samples start..stop (guidance.py's digits). `desc`: progress of the steps under that name.
+    `done`: the first samples, drawn before by this generator (whole batches; the generator at its state after
+    them), to go on from. on_batch(samples so far) after each batch; the draw stops there when it returns True."""
+    scfg, batches, start = config.sampling, [] if done is None else [done], 0 if done is None else len(done)
+    with Progress(math.ceil((n - start) / scfg.batch_size) * sampler_steps(scfg, sigmas), desc or "", "steps",
+                  on=device, enabled=desc is not None) as progress:
+        for b in range(start, n, scfg.batch_size):
             x0 = initial_samples(config, sigmas, min(scfg.batch_size, n - b), generator, device)
             fn = score_fn if score_for_batch is None else score_for_batch(b, b + len(x0))
 
@@ -392,6 +391,8 @@ def draw_samples(score_fn, sigmas, config, n, generator, device, callback=None, 
                     callback(i, t, x)
                 progress.update(1)
             batches.append(run_sampler(fn, x0, sigmas, scfg, generator, step).cpu())
+            if on_batch is not None and on_batch(torch.cat(batches)):
+                break
     return torch.cat(batches)
 
 
@@ -430,8 +431,7 @@ def sample(config, run, device, seed, ckpt_path, out_folder, overwrite=False, gu
     total = sampler_steps(scfg, sigmas)
     frame_steps = set(np.linspace(1, total, min(scfg.n_frames, total)).round().astype(int).tolist())
     n_grid = min(scfg.n_samples, scfg.batch_size, 100)
-    frames, counter = [], [0]
-    to_image = data_space(run_cfg)[1]
+    frames, counter, to_image = [], [0], data_space(run_cfg)[1]
 
     def record(i, t, x):  # n_frames evenly spaced steps of the first batch become the movie
         counter[0] += 1

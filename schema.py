@@ -100,6 +100,8 @@ class Eval:
     loss_images: int = 10000  # test images in --eval's DSM loss per noise level, on every device (10,000: all)
     every_snapshots: int = 0  # during training: metrics of n_training samples every k snapshots; 0 = off
     n_training: int = 300  # images scored during training
+    max_minutes: float = 0.0  # --eval stops drawing at a batch's end before this many minutes (0: no limit); the
+    # samples so far stay in the run folder (eval_partial_<step>.pt) and the same --eval goes on from them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +169,7 @@ RULES = [  # (key, test, what it must be): checked once, after the types
     ("eval.every_snapshots", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("eval.loss_images", lambda v: v >= 1, ">= 1"),
     ("eval.n_training", lambda v: v >= 2, ">= 2"),
+    ("eval.max_minutes", lambda v: v >= 0, ">= 0 (0 = no limit)"),
 ]
 
 
