@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from build import WEIGHTS, sampling_weights, warm_up_sampling
+from build import WEIGHTS, sampling_path, sampling_weights, timed_sampling_step
 from checkpoint import save_checkpoint
 from common import Interrupted, NCSNError
 from progress import Progress, duration
@@ -49,14 +49,16 @@ def training_deadline(state, t_start):
 
 def sampling_seconds(state):
     """(seconds, seconds an evaluation, evaluations) that --sample of this run will take on this machine: its
-    network evaluations at the sampling batch timed on the training network (compiled as --sample compiles it,
-    under inference_mode, the first call building the kernels, which --sample then finds in the compile cache),
-    times the evaluations of sampling.n_samples and SAMPLING_MARGIN, plus SAMPLING_START_SECONDS."""
+    network evaluations at the sampling batch timed on the path --sample runs here (build.sampling_path: with
+    fast.auto it may differ from training's), on a network of that path compiled as --sample compiles it (the first
+    call building the kernels, which --sample then finds in the compile cache), times the evaluations of
+    sampling.n_samples and SAMPLING_MARGIN, plus SAMPLING_START_SECONDS."""
     evals, batch = state.sampling_evaluations()
-    evaluation, times = warm_up_sampling(state.config, state.device, batch), []  # one evaluation of a batch
+    config = sampling_path(state.config, state.device, batch, state.sigmas)
+    evaluation, times = timed_sampling_step(state.device, batch, state.sigmas)(config), []  # of a batch
     for _ in range(TIMED_EVALUATIONS + 1):
         t0 = time.perf_counter()
-        evaluation(state.model)
+        evaluation()
         if state.device.type == "cuda":
             torch.cuda.synchronize(state.device)
         times.append(time.perf_counter() - t0)

@@ -212,6 +212,30 @@ def test_the_budget_leaves_room_for_the_sampling_measured_here(tmp_path, fake_mn
     assert torch.load(tmp_path / "run" / "logs" / "r" / "checkpoint.pth", weights_only=True)["step"] == 16
 
 
+def test_the_budget_times_sampling_on_the_path_sample_runs(tmp_path, fake_mnist, monkeypatch):
+    """With fast.auto the sampling path may differ from training's: the budget's timed evaluations run on
+    sampling's. speedpath.choose is a stand-in that picks fp32 for training and fp32_channels_last for sampling."""
+    import speedpath
+    real_timed, timed = bookkeeping.timed_sampling_step, []
+
+    def choose(config, device, kind, batch, step_builder, **kwargs):
+        name = "fp32" if kind == "train" else "fp32_channels_last"
+        return speedpath.with_path(config, name), name, "a stand-in"
+
+    def spy(device, batch, sigmas):
+        step_of = real_timed(device, batch, sigmas)
+        return lambda cfg: timed.append(speedpath.path_of(cfg)) or step_of(cfg)
+    monkeypatch.setattr(speedpath, "choose", choose)
+    monkeypatch.setattr(bookkeeping, "timed_sampling_step", spy)
+    cfg = tiny_config(fake_mnist, **{"training.n_iters": 2, "training.max_minutes": 3.0, "fast.auto": True,
+                                     "training.budget_includes_sampling": True})
+    assert main.main([*CPU, "--config", write_config(tmp_path / "c.yml", cfg), "--run", str(tmp_path / "run"),
+                      "--doc", "r"]) == 0
+    assert timed == ["fp32_channels_last"]
+    ckpt = torch.load(tmp_path / "run" / "logs" / "r" / "checkpoint.pth", weights_only=True)
+    assert [r["path"] for r in ckpt["speed_paths"]] == ["fp32"]  # and training ran on its own
+
+
 def test_windows_file_calls_leave_every_checkpoint_written_and_loadable(tmp_path, fake_mnist, monkeypatch, capsys):
     """Where folders cannot be opened (os.open of a folder raises PermissionError on Windows) and os.statvfs does not
     exist, checkpoints are still written whole and load; a failed write says the free space is unknown."""
