@@ -367,7 +367,10 @@ def restore(ckpt, model, ema, optimizer, generator, config, path):
 
     The optimizer's moments go to their parameters' device; its `step` counters stay on the CPU, where torch keeps
     them for its default Adam (on the device every step would sync on them), and go to the device only for fused
-    Adam, which needs them there. Fused Adam is this run's choice (devices.use_fused_adam), not the checkpoint's."""
+    Adam, which needs them there. Fused Adam is this run's choice (devices.use_fused_adam), not the checkpoint's.
+    The moments take their parameter's layout: a run resumed on another layout (fast.channels_last, which fast.auto
+    may choose) has channels_last parameters and NCHW moments, and fused Adam on the CPU walks both as one flat
+    array, pairing each weight with another weight's moments."""
     load_model_state(model, ckpt["model"], path)
     if ema is not None:
         load_model_state(ema, ckpt["ema"], path)
@@ -380,6 +383,9 @@ def restore(ckpt, model, ema, optimizer, generator, config, path):
             state = optimizer.state.get(p, {})
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].to(p.device if fused or group.get("capturable") else "cpu")
+            for key, value in state.items():
+                if key != "step" and torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)  # p's strides
     rng = ckpt["rng"]
     torch.set_rng_state(rng["torch_cpu"].cpu())
     if rng["generator_device"] == generator.device.type:

@@ -1,5 +1,6 @@
 """Checkpoints you can trust: a flipped bit or a cut-off file is found before anything uses it, resume falls back to
 the newest snapshot that verifies, a full disk is said plainly, and --verify lists what is good."""
+import copy
 import dataclasses
 import errno
 import os
@@ -518,3 +519,47 @@ def test_a_member_marked_a_folder_is_damage(runs, tmp_path):
     assert checkpoint.damage(path) == f"damaged (the zip directory marks {member} a folder)"
     with pytest.raises(checkpoint.DamagedCheckpoint, match="a folder"):
         checkpoint.read_checkpoint(path)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_resume_on_another_layout_updates_every_weight_with_its_own_moments(tmp_path, fused):
+    """A checkpoint trained in NCHW resumed with channels_last (fast.auto may choose it on another machine) and the
+    other way round: after restore the optimizer's moments have their parameters' strides, and one Adam step with
+    the same gradients moves every weight exactly as a resume on the checkpoint's own layout does. (Fused Adam on the
+    CPU reads a parameter and its moments as flat arrays: with NCHW moments under channels_last weights it paired
+    each weight with another's moments.)"""
+    from build import make_model, make_optimizer
+    from checkpoint import make_checkpoint, restore
+
+    def config(channels_last):
+        return schema.config_from_dict(tiny_config(tmp_path, **{"fast.channels_last": channels_last,
+                                                                "fast.fused_adam": fused}))
+
+    def two_steps(model, optimizer, seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(2):
+            for p in model.parameters():
+                p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g))  # as autograd: p's strides
+            optimizer.step()
+
+    for saved_cl in (False, True):
+        torch.manual_seed(0)
+        cfg = config(saved_cl)
+        model = make_model(cfg, "cpu")
+        optimizer = make_optimizer(cfg, model)
+        two_steps(model, optimizer, 1)
+        ckpt = make_checkpoint(cfg, model, None, optimizer, torch.Generator(), 2, 1234)  # live tensors: copied below
+        after = {}
+        for resumed_cl in (saved_cl, not saved_cl):
+            cfg2 = config(resumed_cl)
+            model2 = make_model(cfg2, "cpu")
+            optimizer2 = make_optimizer(cfg2, model2)
+            step = restore(copy.deepcopy(ckpt), model2, None, optimizer2, torch.Generator(), cfg2, "checkpoint.pth")
+            assert step == 2
+            for p in model2.parameters():
+                for key, value in optimizer2.state[p].items():
+                    assert key == "step" or value.stride() == p.stride(), (key, value.stride(), p.stride())
+            two_steps(model2, optimizer2, 2)
+            after[resumed_cl] = {k: v.contiguous() for k, v in model2.state_dict().items()}
+        for k, v in after[saved_cl].items():
+            assert torch.equal(v, after[not saved_cl][k]), k
