@@ -6,6 +6,7 @@ Its own module: runner.py holds the method, the loop and sampling; this holds th
 runner.py: what it needs of the method comes through the training state (runner.TrainState: its test loss, its
 snapshot grid, the evaluations of a --sample).
 """
+import functools
 import logging
 import math
 import signal
@@ -14,11 +15,12 @@ import time
 import numpy as np
 import torch
 
-from build import WEIGHTS, sampling_path, sampling_weights, timed_sampling_step
+from build import WEIGHTS, sampling_path, sampling_weights, timed_sampling_step, warm_up_sampling
 from checkpoint import save_checkpoint
 from common import Interrupted, NCSNError
 from progress import Progress, duration
 from rundir import write_snapshot_grid
+from speedpath import path_of
 
 log = logging.getLogger("ncsn")
 
@@ -50,12 +52,16 @@ def training_deadline(state, t_start):
 def sampling_seconds(state):
     """(seconds, seconds an evaluation, evaluations) that --sample of this run will take on this machine: its
     network evaluations at the sampling batch timed on the path --sample runs here (build.sampling_path: with
-    fast.auto it may differ from training's), on a network of that path compiled as --sample compiles it (the first
-    call building the kernels, which --sample then finds in the compile cache), times the evaluations of
+    fast.auto it may differ from training's), on the training network where the paths agree, else on a network of
+    the sampling path, compiled as --sample compiles it (the first call building the kernels, which --sample then
+    finds in the compile cache), times the evaluations of
     sampling.n_samples and SAMPLING_MARGIN, plus SAMPLING_START_SECONDS."""
     evals, batch = state.sampling_evaluations()
-    config = sampling_path(state.config, state.device, batch, state.sigmas)
-    evaluation, times = timed_sampling_step(state.device, batch, state.sigmas)(config), []  # of a batch
+    config, times = sampling_path(state.config, state.device, batch, state.sigmas), []
+    if path_of(config) == path_of(state.config):  # the training network itself, as --sample will compile it
+        evaluation = functools.partial(warm_up_sampling(state.config, state.device, batch), state.model)
+    else:  # a network of the sampling path's own (its speed does not depend on the weights)
+        evaluation = timed_sampling_step(state.device, batch, state.sigmas)(config)
     for _ in range(TIMED_EVALUATIONS + 1):
         t0 = time.perf_counter()
         evaluation()
