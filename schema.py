@@ -107,8 +107,9 @@ class Eval:
 @dataclasses.dataclass(frozen=True)
 class Fast:
     """Speed switches; none of them changes the method (bench/speed.py measures each path)."""
-    auto: bool = True  # time the four paths (bf16 or fp32 x NCHW or channels_last) on this machine at the start and run
-    # the fastest, cached per machine (speedpath.py); off: fast.bf16 and fast.channels_last pin the path
+    auto: bool = True  # time the speed paths (fp32 x NCHW or channels_last; for sampling bf16 too where native) on
+    # this machine at the start and run the fastest, cached per machine (speedpath.py); off: fast.bf16 and
+    # fast.channels_last pin the path (training in bf16 only so: speedpath.BF16_TRAINING)
     bf16: bool = False  # bf16 autocast (fp32 master weights; the input and output convolutions stay fp32)
     fast_kernels: bool = True  # same functions, faster kernels: ELU, CIN++ statistics, 5x5 mean pool (model.py)
     fused_adam: bool = True  # one fused kernel for the Adam update

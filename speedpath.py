@@ -5,13 +5,15 @@ A speed path is a precision and a layout: fp32 or bf16 autocast (fp32 master wei
 output convolutions kept fp32), NCHW or channels_last (NHWC). Which one is fastest depends on the CPU: bf16 wins
 where the CPU has AMX or AVX512-BF16 and loses several times over where it has neither, and channels_last wins or
 loses by the network's size (docs/speed.md). With fast.auto on, a command times a few steps of every candidate
-and runs the fastest; the choice is cached per machine, torch version, network and batch (cache_path()), so it is
-measured once. fast.auto off pins the path that fast.bf16 and fast.channels_last name.
+and runs the fastest. bf16 is a candidate for sampling only: in training it made config.yml's loss spike where
+fp32 did not (BF16_TRAINING); a config that pins fast.bf16 still trains in it. The choice is cached per machine,
+torch version, network and batch (cache_path()), so it is measured once. fast.auto off pins the path that
+fast.bf16 and fast.channels_last name.
 
 No choice is made (the config's own path runs, and the log says why): under --deterministic, where two runs
 could time differently and so compute differently; with several ranks, which must run one path; and on a resume
-whose checkpoint was last trained on this machine, which keeps that path so that the resumed run is the same as an
-unbroken one. The checkpoint records which path trained which steps (`speed_paths`).
+whose checkpoint was last trained on this machine, which keeps that path (a candidate of its own) so that the
+resumed run is the same as an unbroken one. The checkpoint records which path trained which steps (`speed_paths`).
 """
 import dataclasses
 import json
@@ -54,10 +56,15 @@ def native_bf16(device):
     return bool(devices.cpu_native_bf16()) if device.type == "cpu" else devices.bf16_autocast_ok(device)
 
 
-def candidates(device):
-    """The paths worth timing on `device`: all four, or the fp32 ones where bf16 is not native (there it falls back
-    to reference kernels several times slower than fp32, and timing it would cost minutes)."""
-    return [name for name in PATHS if native_bf16(device) or not PATHS[name][0]]
+BF16_TRAINING = ("bf16 autocast is not chosen for training: it made config.yml's training spike where fp32 did "
+                 "not (docs/results.md#bf16-and-the-papers-network); pin fast.bf16 with fast.auto off to train in it")
+
+
+def candidates(device, kind):
+    """The paths worth timing for `kind` ("train" or "sample") on `device`: the fp32 ones, and for sampling the bf16
+    ones too where bf16 is native (elsewhere it falls back to reference kernels several times slower than fp32, and
+    timing it would cost minutes). Training is not put on bf16 by a timing (BF16_TRAINING)."""
+    return [name for name, (bf16, _) in PATHS.items() if not bf16 or (kind == "sample" and native_bf16(device))]
 
 
 def machine_key(device):
@@ -158,15 +165,15 @@ def choose(config, device, kind, batch, step_builder, deterministic=False, world
                                         "between two runs)"
     if world > 1:
         return config, path_of(config), "the config's own, as every rank must run one path"
-    if keep in PATHS:
+    names = candidates(device, kind)
+    if keep in names:
         return with_path(config, keep), keep, "the path this run was trained on here until its checkpoint"
     key, path = choice_key(config, device, kind, batch), cache_path()
     choices = read_cache(path)
     cached = choices.get(key)
-    if isinstance(cached, dict) and cached.get("path") in PATHS:
+    if isinstance(cached, dict) and cached.get("path") in names:
         why = f"cached in {path} ({timings(cached.get('seconds') or {})})"
         return with_path(config, cached["path"]), cached["path"], why
-    names = candidates(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     log.info("fast.auto: timing %d speed paths for %s at batch %d (%d + %d steps each): %s", len(names), kind, batch,
              WARM_UP_STEPS, TIMED_STEPS, ", ".join(names))
@@ -174,8 +181,10 @@ def choose(config, device, kind, batch, step_builder, deterministic=False, world
         best, seconds = fastest(names, lambda name: step_builder(with_path(config, name)), clock, sync)
     write_cache(path, {**choices, key: {"path": best, "seconds": seconds}})
     dropped = [n for n in PATHS if n not in names]
-    why = f"timed here ({timings(seconds)})" + (f"; not timed: {', '.join(dropped)} (no native bf16 on this CPU)"
-                                                 if dropped else "")
+    reason = BF16_TRAINING if kind == "train" else "no native bf16 on this CPU"
+    why = f"timed here ({timings(seconds)})" + (f"; not timed: {', '.join(dropped)} ({reason})" if dropped else "")
+    if keep in PATHS and keep not in names:
+        why += f"; the checkpoint's last steps ran {keep}, which this choice leaves"
     return with_path(config, best), best, why
 
 

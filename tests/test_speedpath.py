@@ -49,7 +49,7 @@ def config(tmp_path, monkeypatch):
 def test_the_choice_is_the_candidate_made_fastest(config, fastest):
     clock, calls = FakeClock(), []
     seconds = {name: 2.0 for name in speedpath.PATHS} | {fastest: 1.0}
-    cfg, name, why = speedpath.choose(config, torch.device("cpu"), "train", 8, fake_steps(clock, seconds, calls),
+    cfg, name, why = speedpath.choose(config, torch.device("cpu"), "sample", 8, fake_steps(clock, seconds, calls),
                                       clock=clock)
     assert name == fastest and speedpath.path_of(cfg) == fastest
     assert (cfg.fast.bf16, cfg.fast.channels_last) == speedpath.PATHS[fastest] and not cfg.fast.compile
@@ -83,17 +83,17 @@ def test_the_median_decides_not_one_slow_step(config):
 def test_the_choice_is_cached_per_machine_and_network(config, tmp_path):
     clock, calls = FakeClock(), []
     seconds = {"fp32": 3.0, "fp32_channels_last": 2.0, "bf16": 1.0, "bf16_channels_last": 4.0}
-    speedpath.choose(config, torch.device("cpu"), "train", 8, fake_steps(clock, seconds, calls), clock=clock)
+    speedpath.choose(config, torch.device("cpu"), "sample", 8, fake_steps(clock, seconds, calls), clock=clock)
     cache = json.loads((tmp_path / "cache.json").read_text())["choices"]
     (key, entry), = cache.items()
     assert entry["path"] == "bf16" and entry["seconds"]["bf16"] == 1.0
-    assert "ngf 4" in key and "batch 8" in key and "train" in key and torch.__version__ in key
+    assert "ngf 4" in key and "batch 8" in key and "sample" in key and torch.__version__ in key
     calls.clear()  # the same machine, network and batch: the cache answers, nothing is timed
-    cfg, name, why = speedpath.choose(config, torch.device("cpu"), "train", 8, fake_steps(clock, {}, calls),
+    cfg, name, why = speedpath.choose(config, torch.device("cpu"), "sample", 8, fake_steps(clock, {}, calls),
                                       clock=clock)
     assert name == "bf16" and cfg.fast.bf16 and not calls and "cached in" in why
-    # another batch, or sampling, is another choice
-    _, name, _ = speedpath.choose(config, torch.device("cpu"), "sample", 8, fake_steps(clock, seconds, calls),
+    # another batch, or training, is another choice
+    _, name, _ = speedpath.choose(config, torch.device("cpu"), "train", 8, fake_steps(clock, seconds, calls),
                                   clock=clock)
     assert calls and len(json.loads((tmp_path / "cache.json").read_text())["choices"]) == 2
 
@@ -125,20 +125,42 @@ def test_no_timed_choice_under_deterministic_ranks_or_a_resume_on_this_machine(c
     clock, calls = FakeClock(), []
     step_of = fake_steps(clock, {n: 1.0 for n in speedpath.PATHS}, calls)
     kwargs = {"deterministic": {"deterministic": True}, "ranks": {"world": 2},
-              "resume": {"keep": "bf16_channels_last"}}[case]
+              "resume": {"keep": "fp32_channels_last"}}[case]
     cfg, name, why = speedpath.choose(config, torch.device("cpu"), "train", 8, step_of, clock=clock, **kwargs)
     assert not calls
-    assert name == ("bf16_channels_last" if case == "resume" else "fp32")
+    assert name == ("fp32_channels_last" if case == "resume" else "fp32")
     assert (cfg.fast.bf16, cfg.fast.channels_last) == speedpath.PATHS[name]
 
 
 def test_without_native_bf16_only_the_fp32_paths_are_timed(config, monkeypatch):
     monkeypatch.setattr(speedpath, "native_bf16", lambda device: False)
     clock, calls = FakeClock(), []
-    _, name, why = speedpath.choose(config, torch.device("cpu"), "train", 8,
+    _, name, why = speedpath.choose(config, torch.device("cpu"), "sample", 8,
                                     fake_steps(clock, {"fp32": 2.0, "fp32_channels_last": 1.0}, calls), clock=clock)
     assert name == "fp32_channels_last" and {n for _, n in calls} == {"fp32", "fp32_channels_last"}
     assert "not timed: bf16, bf16_channels_last (no native bf16" in why
+
+
+def test_training_is_not_put_on_bf16_by_a_timing(config, tmp_path):
+    """Native bf16 and bf16 the fastest: training times only the fp32 paths and says why; a bf16 choice cached for
+    training, or the bf16 path of a checkpoint's last steps, is timed again on fp32; sampling may still choose bf16,
+    and a config that pins fast.bf16 trains in it."""
+    seconds = {"fp32": 3.0, "fp32_channels_last": 2.0, "bf16": 1.0, "bf16_channels_last": 1.5}
+    device = torch.device("cpu")
+    for keep in (None, "bf16"):
+        clock, calls = FakeClock(), []
+        (tmp_path / "cache.json").write_text(json.dumps({"format": speedpath.CACHE_FORMAT, "choices": {
+            speedpath.choice_key(config, device, "train", 8): {"path": "bf16", "seconds": seconds}}}))
+        cfg, name, why = speedpath.choose(config, device, "train", 8, fake_steps(clock, seconds, calls), keep=keep,
+                                          clock=clock)
+        assert name == "fp32_channels_last" and not cfg.fast.bf16
+        assert {n for _, n in calls} == {"fp32", "fp32_channels_last"}
+        assert "not timed: bf16, bf16_channels_last (bf16 autocast is not chosen for training" in why
+        assert ("the checkpoint's last steps ran bf16, which this choice leaves" in why) == (keep == "bf16")
+    clock = FakeClock()
+    assert speedpath.choose(config, device, "sample", 8, fake_steps(clock, seconds, []), clock=clock)[1] == "bf16"
+    pinned = dataclasses.replace(config, fast=dataclasses.replace(config.fast, auto=False, bf16=True))
+    assert speedpath.choose(pinned, device, "train", 8, fake_steps(FakeClock(), seconds, []))[1] == "bf16"
 
 
 def test_a_real_run_logs_its_choice_records_it_and_resumes_on_its_path_bitwise(tmp_path, capsys, monkeypatch):
