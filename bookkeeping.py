@@ -54,8 +54,8 @@ def sampling_seconds(state):
     network evaluations at the sampling batch timed on the path --sample runs here (build.sampling_path: with
     fast.auto it may differ from training's), on the training network where the paths agree, else on a network of
     the sampling path, compiled as --sample compiles it (the first call building the kernels, which --sample then
-    finds in the compile cache), times the evaluations of
-    sampling.n_samples and SAMPLING_MARGIN, plus SAMPLING_START_SECONDS."""
+    finds in the compile cache), times the evaluations of sampling.n_samples and SAMPLING_MARGIN, plus
+    SAMPLING_START_SECONDS."""
     evals, batch = state.sampling_evaluations()
     config, times = sampling_path(state.config, state.device, batch, state.sigmas), []
     if path_of(config) == path_of(state.config):  # the training network itself, as --sample will compile it

@@ -183,8 +183,8 @@ def evaluate(config, run, device, seed, ckpt_path):
     record = {"step": step, "n_samples": n, "fid": result["fid"], "kid": result["kid"], "kid_se": result["kid_se"],
               "inception_score": result["inception_score"], "mean_confidence": result["mean_confidence"],
               "class_shares": result["class_shares"], "white_share": result["white_share"],
-              "sampling_seconds": seconds, "sampling_sittings": sittings.sittings, "seed": seed, "weights": weights, "test_loss_per_level": levels,
-              "test_loss_images": min(n_loss, len(test_u8))}
+              "sampling_seconds": seconds, "sampling_sittings": sittings.sittings, "seed": seed, "weights": weights,
+              "test_loss_per_level": levels, "test_loss_images": min(n_loss, len(test_u8))}
     log.info("step %d, %s", step, score_line(record, f" ({seconds:.0f} s)"))
     log.info("test DSM loss per level (%s weights, %d images): %s", WEIGHTS[weights], record["test_loss_images"],
              ", ".join(f"{v:.3f}" for v in levels))
