@@ -216,7 +216,8 @@ def get_guidance_classifier(config, sigmas, device, cache_dir=None):
     where that folder exists and is read-only is `cache_dir` (default run/classifier) used instead. A cache
     made by other code, settings or levels is retrained and replaced, never used; an unreadable one is an
     NCSNError. With no cache and no MNIST files to train on it is a one-line NCSNError, and nothing is written.
-    Training runs on the CPU, so every machine makes the same classifier.
+    Training runs on the CPU, so that every device of one machine makes the same classifier (another CPU may
+    round differently).
     """
     logit = config.data.logit_transform
     name, fingerprint = cache_name(sigmas, logit), guidance_fingerprint(sigmas, logit)

@@ -257,7 +257,8 @@ def get_classifier(data_root, device, cache_path=None):
     The cache is <data_root>/MNIST/ncsn_classifier.pth; only where that folder exists and is read-only (a
     shared data folder) is `cache_path` (default run/classifier/ncsn_classifier.pth) read and written instead.
     A cache made by other code (fingerprint) is retrained and overwritten; an unreadable one raises NCSNError.
-    Training runs on the CPU so that every machine caches the same, reproducible classifier.
+    Training runs on the CPU, seeded, so that it repeats on one machine (another CPU's kernels round
+    differently: docs/results.md#reference-rows); compare scores made with one cache.
     """
     reads, target = cache_places(data_root, CACHE_NAME, cache_path or FALLBACK_CACHE)
     for path in reads:

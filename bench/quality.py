@@ -75,9 +75,10 @@ def reference_rows(args):
                                                                    reference)),
             ("U[0, 1] noise", metrics.sample_metrics(torch.rand(args.n_reference, 1, 28, 28, generator=g),
                                                      classifier, reference))]
-    print("\n| set | n | FID | IS | confidence |\n|---|---|---|---|---|")
+    print("\n| set | n | FID | KID (± se) | IS | confidence |\n|---|---|---|---|---|---|")
     for name, r in rows:
-        print(f"| {name} | {r['n_images']} | {r['fid']:.2f} | {r['inception_score']:.2f} | "
+        kid = "n/a" if r["kid"] is None else f"{r['kid']:.3g} ± {r['kid_se']:.2g}"  # as --eval's line
+        print(f"| {name} | {r['n_images']} | {r['fid']:.2f} | {kid} | {r['inception_score']:.2f} | "
               f"{r['mean_confidence']:.3f} |")
 
 

@@ -10,9 +10,10 @@ fast:  what `fast:` in config.yml turns on: bf16 autocast with fp32 master weigh
        output kept in fp32), model.py's fast kernels (vectorised ELU, CIN++ statistics from E[x] and E[x^2],
        the pooling as a depthwise convolution), fused Adam (and channels_last if asked); on CUDA also TF32
        and cudnn.benchmark (fast.tf32, fast.cudnn_benchmark). The plain path on CUDA is true fp32 (TF32 off).
-auto:  the path config.yml runs on this machine for this network and batch: fast.auto's choice among fp32 and
-       bf16, NCHW and channels_last (speedpath.py; read from its cache, or timed now and cached), for training
-       and for sampling each, with fast kernels and fused Adam. Its percent of peak is of the chosen dtype's.
+auto:  the path config.yml runs on this machine for this network and batch: fast.auto's choice among fp32
+       and bf16 (bf16 for sampling only), NCHW and channels_last (speedpath.py; read from its cache, or timed
+       now and cached), for training and for sampling each, with fast kernels and fused Adam. Its percent of
+       peak is of the chosen dtype's.
 compile: (with --compile) the fast path with the network under torch.compile; its compilation is in the
        warm-up, not in the timings.
 Each variant runs `--repeats` timed repetitions after a warm-up, alternating plain and fast so that load

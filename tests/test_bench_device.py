@@ -79,3 +79,25 @@ def tiny_config_object():
     from schema import config_from_dict
 
     return config_from_dict(tiny_config("unused"))
+
+
+def test_quality_reference_rows_give_kid_beside_fid(monkeypatch, fake_mnist, capsys):
+    """--reference prints FID, KID with its standard error (as --eval's line writes them), IS and confidence of
+    the training images it picks and of noise, each the scores metrics.sample_metrics gives those images."""
+    import data
+    import metrics
+    quality = load_bench("quality")
+    torch.manual_seed(0)
+    classifier = metrics.DigitClassifier().eval()  # untrained: the rows' arithmetic, not their values
+    monkeypatch.setattr(quality.metrics, "get_classifier", lambda root, device: classifier)
+    assert quality.main_bench(["--reference", "--n_reference", "20", "--data_root", fake_mnist,
+                               "--seeds", "5"]) in (0, None)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert lines[0] == "| set | n | FID | KID (± se) | IS | confidence |"
+    train_u8 = data.load_mnist(fake_mnist, train=True)
+    reference = metrics.reference_stats(classifier, metrics.to_unit(data.load_mnist(fake_mnist, train=False)))
+    pick = torch.randperm(len(train_u8), generator=torch.Generator().manual_seed(5))[:20]
+    want = metrics.sample_metrics(metrics.to_unit(train_u8[pick]), classifier, reference)
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[1:4] == ["20", f"{want['fid']:.2f}", f"{want['kid']:.3g} ± {want['kid_se']:.2g}"]
+    assert len(lines) == 4 and all(len(line.strip("|").split("|")) == 6 for line in lines)
