@@ -24,6 +24,7 @@ peak in the same dtype, measured in the same run with a large matrix multiply.
 """
 import argparse
 import contextlib
+import math
 import os
 import statistics
 import sys
@@ -78,6 +79,12 @@ def peak_memory(device):
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
+
+
+def memory_text(mem):
+    """The memory cell of a row: 'peak GiB (the step's own GiB)', or 'not measured' (only plain and fast are)."""
+    peak, before = mem
+    return "not measured" if math.isnan(peak) else f"{peak / 2 ** 30:.2f} GiB ({(peak - before) / 2 ** 30:.2f} GiB)"
 
 
 def peak_memory_in_fresh_process(name, ngf, device, batch, channels_last):
@@ -248,7 +255,7 @@ def main():
                 print(f"| {ngf} | {r['variant']} | {r['train_ips']:.1f} | {r['sample_ips']:.1f} | "
                       f"{r['train_gflops']:.0f} ({100 * r['train_gflops'] * 1e9 / peak_t:.0f}%) | "
                       f"{r['sample_gflops']:.0f} ({100 * r['sample_gflops'] * 1e9 / peak_s:.0f}%) | "
-                      f"{r['mem'][0] / 2 ** 30:.2f} GiB ({(r['mem'][0] - r['mem'][1]) / 2 ** 30:.2f} GiB) |")
+                      f"{memory_text(r['mem'])} |")
             plain = rows[0]
             for r in rows[1:]:
                 print(f"| {ngf} | {r['variant']} / plain | {r['train_ips'] / plain['train_ips']:.2f}x | "

@@ -15,4 +15,6 @@ def test_speed_prints_plain_fast_and_the_auto_path_config_yml_runs(tmp_path):
     auto_train = out.split("auto, ngf 4, train: ")[1].split(",")[0]
     assert rows[:2] == ["plain", "fast"] and rows[2].startswith(f"auto ({auto_train}"), out
     assert rows[3:] == ["fast / plain", rows[2] + " / plain"], out
+    memory = [line.rstrip(" |").split(" | ")[-1] for line in out.splitlines() if line.startswith("| 4 |")][:3]
+    assert memory[0].endswith("GiB)") and memory[1].endswith("GiB)") and memory[2] == "not measured", out
     assert "timed here (" in out and os.path.exists(tmp_path / "cache.json")
