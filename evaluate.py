@@ -202,8 +202,8 @@ def score_line(result, timing=""):
     """The scores of `result` (a record, or metrics.sample_metrics's dict) in one line that names the count they
     were measured at: '100 samples: FID 41.50, KID 0.0123 +- 0.0021, ...'."""
     n = result.get("n_samples", result.get("n_images"))
-    se = f" +- {result['kid_se']:.2g}" if result.get("kid_se") is not None else ""
-    return (f"{n} samples{timing}: FID {result['fid']:.2f}, KID {result['kid']:.3g}{se}, Inception-style score "
+    kid = metrics.kid_text(result["kid"], result.get("kid_se"))
+    return (f"{n} samples{timing}: FID {result['fid']:.2f}, KID {kid}, Inception-style score "
             f"{result['inception_score']:.2f}, confidence {result['mean_confidence']:.3f}, white "
             f"{100 * result['white_share']:.0f}%")
 

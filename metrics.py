@@ -431,6 +431,11 @@ def kernel_inception_distance(features, reference_features, subsets=KID_SUBSETS)
     return float(estimates.mean()), se
 
 
+def kid_text(kid, kid_se, plus_minus="+-"):
+    """KID as every score line writes it: '0.0123 +- 0.0021', without the error where there is none."""
+    return f"{kid:.3g}" + (f" {plus_minus} {kid_se:.2g}" if kid_se is not None else "")
+
+
 def inception_score(probs):
     """exp(E_x KL(p(y|x) || p(y))) of class probabilities (N, K), p(y) their mean; between 1 and K."""
     p = np.asarray(probs, dtype=np.float64)  # (N, K)

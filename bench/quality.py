@@ -77,7 +77,7 @@ def reference_rows(args):
                                                      classifier, reference))]
     print("\n| set | n | FID | KID (± se) | IS | confidence |\n|---|---|---|---|---|---|")
     for name, r in rows:
-        kid = "n/a" if r["kid"] is None else f"{r['kid']:.3g} ± {r['kid_se']:.2g}"  # as --eval's line
+        kid = "n/a" if r["kid"] is None else metrics.kid_text(r["kid"], r["kid_se"], "±")
         print(f"| {name} | {r['n_images']} | {r['fid']:.2f} | {kid} | {r['inception_score']:.2f} | "
               f"{r['mean_confidence']:.3f} |")
 

@@ -24,7 +24,6 @@ peak in the same dtype, measured in the same run with a large matrix multiply.
 """
 import argparse
 import contextlib
-import math
 import os
 import statistics
 import sys
@@ -83,8 +82,10 @@ def peak_memory(device):
 
 def memory_text(mem):
     """The memory cell of a row: 'peak GiB (the step's own GiB)', or 'not measured' (only plain and fast are)."""
+    if mem is None:
+        return "not measured"
     peak, before = mem
-    return "not measured" if math.isnan(peak) else f"{peak / 2 ** 30:.2f} GiB ({(peak - before) / 2 ** 30:.2f} GiB)"
+    return f"{peak / 2 ** 30:.2f} GiB ({(peak - before) / 2 ** 30:.2f} GiB)"
 
 
 def peak_memory_in_fresh_process(name, ngf, device, batch, channels_last):
@@ -202,7 +203,7 @@ def bench(ngf, device, batch, repeats, channels_last, compile=False, names=("pla
     rows = []
     for v in variants:
         mem = peak_memory_in_fresh_process(v.name, ngf, device, batch, channels_last) if v.name in ("plain", "fast") \
-            else (float("nan"), float("nan"))
+            else None
         train_s = statistics.median(results[v.name]["train"])
         sample_s = statistics.median(results[v.name]["sample"])
         train_flops, sample_flops = (v.flops(v.train_step), v.flops(v.sample_step)) if v.name != "compile" else \
