@@ -120,10 +120,12 @@ class Bookkeeping:
 
     def reads_back(self, step, snapshot):
         """Whether the losses are read back after `step`: at log and test steps, at a snapshot, and at once after a
-        stop signal in a single process (under torchrun the ranks agree on a signal at those steps only)."""
-        tcfg = self.state.config.training
-        signalled = self.signals.signum is not None and self.state.run.world == 1
-        return step % tcfg.log_freq == 0 or step % tcfg.test_freq == 0 or snapshot or signalled
+        stop signal or past the time budget in a single process (under torchrun the ranks agree on both at those
+        steps only: one all-reduce)."""
+        tcfg, alone = self.state.config.training, self.state.run.world == 1
+        signalled = alone and self.signals.signum is not None
+        late = alone and self.deadline is not None and time.time() >= self.deadline
+        return step % tcfg.log_freq == 0 or step % tcfg.test_freq == 0 or snapshot or signalled or late
 
     def log_step(self):
         """Read the window's losses back and log them; returns (the stop signal every rank heard of, or None;

@@ -140,7 +140,7 @@ class Progress:
             short = reach < SHORT_SHARE * self.total
             log.log(logging.WARNING if short else logging.INFO,
                     "%s: at the first rate (%.3g %s/s%s) the time budget ends near %s %s of %s in %s%s", self.desc,
-                    early, self.unit, on, f"{reach:,}", self.unit[:-1] if self.unit.endswith("s") else self.unit,
+                    early, self.unit, on, self.unit[:-1] if self.unit.endswith("s") else self.unit, f"{reach:,}",
                     f"{self.total:,}", duration(left), f": {self.short_hint}" if short and self.short_hint else "")
 
     def line(self, now):

@@ -24,8 +24,8 @@ class Training:
     log_freq: int = 10  # read the training loss back from the device every this many steps
     keep_snapshots: int = 0  # keep only the newest k checkpoint_<step>.pth; 0 keeps all
     anneal_power: float = 2.0  # lambda(sigma) = sigma ** anneal_power weights each level (eq. 6)
-    max_minutes: float = 0.0  # wall-clock budget of one training command, from its start: stop at the first log
-    # step past it, with a checkpoint as at n_iters; a resume trains for another budget; 0 = none
+    max_minutes: float = 0.0  # wall-clock budget of one training command, from its start: stop at the first step
+    # past it (torchrun: log step), with a checkpoint as at n_iters; a resume trains for another budget; 0 = none
     budget_includes_sampling: bool = False  # max_minutes covers one --sample of the run as well: training stops
     # earlier by the time that sampling is measured to take on this machine (timed when training starts)
     snapshot_grid: int = 0  # at each numbered snapshot, draw this many samples into TensorBoard and

@@ -180,13 +180,31 @@ def test_under_a_budget_the_progress_counts_down_to_it(tmp_path, fake_mnist, mon
     lines = log_lines(monkeypatch, clock)
     assert main.main([*CPU, "--config", cfg, "--run", str(tmp_path / "run"), "--doc", "b", "--progress", "0.5"]) == 0
     text = "\n".join(m for _, m in lines)
-    assert re.search(r"train: at the first rate \(16 steps/s on cpu\) the time budget ends near 48 step of 10,000 "
+    assert re.search(r"train: at the first rate \(16 steps/s on cpu\) the time budget ends near step 48 of 10,000 "
                      r"in 3 s: the run ends short of training.n_iters", text), text
     counting = re.findall(r"train: (\d+)/10000 steps \(\d+%\), 16 steps/s, (\d+) s left \(time budget; ends near "
                           r"48\)", text)
     # a line at the first step, then every --progress 0.5 s (8 steps); the time left rounded to whole seconds
     assert counting == [("1", "3"), ("9", "2"), ("17", "2"), ("25", "1"), ("33", "1"), ("41", "0")], text
     assert "training.max_minutes (0.05) reached at step 48 of 10000" in text, text
+
+
+def test_the_budget_stops_at_the_first_step_past_it_not_at_the_next_log_step(tmp_path, fake_mnist, monkeypatch):
+    """log_freq 100 at 16 steps a second and a 3 s budget: a single process stops at step 48, where the budget
+    ends, not 52 steps (3 s) later at the log step, and its checkpoint is step 48's."""
+    clock = fake_clock(monkeypatch)
+    slow_steps(monkeypatch, clock, 0.0625)
+    cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist, **{"training.n_iters": 10_000,
+                                                                       "training.n_epochs": 10_000,
+                                                                       "training.log_freq": 100,
+                                                                       "training.test_freq": 10_000,
+                                                                       "training.snapshot_freq": 10_000,
+                                                                       "training.max_minutes": 0.05}))  # 3 s
+    lines = log_lines(monkeypatch, clock)
+    assert main.main([*CPU, "--config", cfg, "--run", str(tmp_path / "run"), "--doc", "l"]) == 0
+    text = "\n".join(m for _, m in lines)
+    assert "training.max_minutes (0.05) reached at step 48 of 10000" in text, text
+    assert torch.load(tmp_path / "run" / "logs" / "l" / "checkpoint.pth", weights_only=True)["step"] == 48
 
 
 def test_the_budget_leaves_room_for_the_sampling_measured_here(tmp_path, fake_mnist, monkeypatch):
