@@ -194,9 +194,9 @@ def test_snapshot_grids_in_tensorboard_and_the_run_folder(tmp_path, fake_mnist, 
         assert not folder.exists() and not images
 
 
-def test_the_time_budget_stops_at_a_log_step_and_resumes_bitwise(tmp_path, fake_mnist, capsys):
-    """training.max_minutes tiny: the run stops at its first log step with a numbered checkpoint; resumed without
-    the budget it ends bitwise equal to an unbroken run."""
+def test_the_time_budget_stops_after_its_step_and_resumes_bitwise(tmp_path, fake_mnist, capsys):
+    """training.max_minutes tiny: the run stops after its first step (before its first log step, 2) with a numbered
+    checkpoint; resumed without the budget it ends bitwise equal to an unbroken run."""
     run = str(tmp_path / "run")
     full = write_config(tmp_path / "full.yml", tiny_config(fake_mnist, **{"training.n_iters": 8,
                                                                            "training.snapshot_freq": 100}))
@@ -204,10 +204,10 @@ def test_the_time_budget_stops_at_a_log_step_and_resumes_bitwise(tmp_path, fake_
     capsys.readouterr()
     assert main.main([*CPU, "--run", run, "--doc", "cut", "--config", full, "--set", "training.max_minutes=1e-9"]) == 0
     err = capsys.readouterr().err
-    assert "training.max_minutes (1e-09) reached at step 2 of 8" in err, err
+    assert "training.max_minutes (1e-09) reached at step 1 of 8" in err, err
     assert sorted(f for f in os.listdir(os.path.join(run, "logs", "cut")) if f.endswith(".pth")) == [
-        "checkpoint.pth", "checkpoint_2.pth"]
-    assert ckpt_of(run, "cut")["step"] == 2
+        "checkpoint.pth", "checkpoint_1.pth"]
+    assert ckpt_of(run, "cut")["step"] == 1
     assert main.main([*CPU, "--run", run, "--doc", "cut", "--resume_training", "--set", "training.max_minutes=0"]) == 0
     a, b = ckpt_of(run, "full"), ckpt_of(run, "cut")
     assert b["step"] == 8
