@@ -124,8 +124,12 @@ class Bookkeeping:
         steps only: one all-reduce)."""
         tcfg, alone = self.state.config.training, self.state.run.world == 1
         signalled = alone and self.signals.signum is not None
-        late = alone and self.deadline is not None and time.time() >= self.deadline
-        return step % tcfg.log_freq == 0 or step % tcfg.test_freq == 0 or snapshot or signalled or late
+        return step % tcfg.log_freq == 0 or step % tcfg.test_freq == 0 or snapshot or signalled or \
+            (alone and self.past_deadline())
+
+    def past_deadline(self):
+        """Whether this rank's clock is past the time budget (never without one)."""
+        return self.deadline is not None and time.time() >= self.deadline
 
     def log_step(self):
         """Read the window's losses back and log them; returns (the stop signal every rank heard of, or None;
@@ -134,8 +138,8 @@ class Bookkeeping:
         self.last = log_losses(self.window, self.writer, state.sigmas, state.run)
         self.window = []
         self.progress.note(f"training loss {self.last:.4f}")
-        spent = self.deadline is not None and time.time() >= self.deadline
-        heard, spent = state.run.any_rank((self.signals.signum, spent), state.device)  # one all-reduce for both
+        # one all-reduce for both
+        heard, spent = state.run.any_rank((self.signals.signum, self.past_deadline()), state.device)
         return (self.signals.signum or signal.SIGTERM) if heard else None, spent and state.step < state.n_total
 
     def after_snapshot(self):
