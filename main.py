@@ -274,7 +274,13 @@ def main(argv=None):
             import checkpoint
             from rundir import Run
             return checkpoint.verify_run(Run(args.run, args.doc))
-        return run_command(args, config, start(args, distributed))
+        status = run_command(args, config, start(args, distributed))
+        if distributed:
+            # every rank waits here until rank 0 has written its files: a rank that went on to tear down its
+            # process group alone was seen to abort (gloo, 1 launch in ~30 on a loaded CPU), and torchrun then
+            # killed rank 0 before it wrote; a rank that failed raised above and never reaches this barrier
+            torch.distributed.barrier()
+        return status
     except ConfigError as e:
         log.error("%s", e)
         return 2

@@ -227,6 +227,32 @@ def test_device_cuda_n_under_torchrun_is_a_one_line_error(monkeypatch, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_under_torchrun_no_rank_tears_down_before_every_rank_has_finished(monkeypatch, tmp_path, fake_mnist, fails):
+    """Under torchrun a command that ends well meets the other ranks at a barrier before destroy_process_group:
+    rank 0 has written its files before any rank tears down (a rank tearing down alone can abort, and torchrun
+    then kills rank 0 mid-write). A command that failed goes straight to teardown, not to a barrier that the
+    other ranks might never reach. The process group is faked: the order of the calls is the behaviour."""
+    from common import NCSNError
+    calls = []
+
+    def command(args, config, device):
+        calls.append("command")
+        if fails:
+            raise NCSNError("this rank failed")
+        return 0
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(main, "start", lambda args, distributed: torch.device("cpu"))
+    monkeypatch.setattr(main, "run_command", command)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append("destroy"))
+    cfg = write_config(tmp_path / "c.yml", tiny_config(fake_mnist))
+    status = main.main([*CPU, "--config", cfg, "--run", str(tmp_path / "run"), "--doc", "x"])
+    assert (status, calls) == ((1, ["command", "destroy"]) if fails else (0, ["command", "barrier", "destroy"]))
+
+
 def test_set_deterministic_false_restores_torchs_defaults():
     """A --deterministic run followed by a default one in the same process (tests/test_cuda.py does this): the
     second has torch's default kernels again, cuDNN's included."""
