@@ -2,6 +2,8 @@
 
     python main.py --doc quick --sample                       # samples.png and movie.gif into run/logs/quick/samples
     python bench/readme_images.py run/logs/quick/samples       # -> images/quick_samples.png, images/quick_movie.gif
+    python bench/readme_images.py RUNS/logs/tenepochs/samples --out images/tenepochs --name ""
+                                                               # -> images/tenepochs/samples.png and movie.gif
 
 --sample lays its samples out as a grid of `nrow` columns with `PAD` pixels between cells (torchvision's
 make_grid). The movie keeps the top-left K x K samples and every STRIDE-th frame plus the last, which holds
@@ -41,7 +43,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", help="a --sample output folder holding samples.png and movie.gif")
     p.add_argument("--out", default=os.path.join(REPO, "images"), help="where the pictures go")
-    p.add_argument("--name", default="quick", help="the pictures are <name>_samples.png and <name>_movie.gif")
+    p.add_argument("--name", default="quick",
+                   help='the pictures are <name>_samples.png and <name>_movie.gif (--name "": without the prefix)')
     p.add_argument("--k", type=int, default=6, help="the movie shows k x k samples")
     p.add_argument("--stride", type=int, default=3, help="the movie keeps every stride-th frame")
     args = p.parse_args(argv)
@@ -51,10 +54,11 @@ def main(argv=None):
             print(f"error: no {path}; run main.py --doc DOC --sample first (it writes samples.png and movie.gif)",
                   file=sys.stderr)
             return 1
-    shutil.copyfile(grid, os.path.join(args.out, f"{args.name}_samples.png"))
-    n, kept = cut_movie(movie, os.path.join(args.out, f"{args.name}_movie.gif"), args.k, args.stride)
-    print(f"{args.name}_samples.png: the grid; {args.name}_movie.gif: {args.k} x {args.k} samples, "
-          f"{kept} of {n} frames")
+    prefix = f"{args.name}_" if args.name else ""
+    os.makedirs(args.out, exist_ok=True)
+    shutil.copyfile(grid, os.path.join(args.out, f"{prefix}samples.png"))
+    n, kept = cut_movie(movie, os.path.join(args.out, f"{prefix}movie.gif"), args.k, args.stride)
+    print(f"{prefix}samples.png: the grid; {prefix}movie.gif: {args.k} x {args.k} samples, {kept} of {n} frames")
     return 0
 
 

@@ -46,6 +46,17 @@ def test_the_movie_keeps_the_top_left_samples_and_every_third_frame(tmp_path):
         assert (cells == 20 * (j + 1)).all(), (j, cells.unique())  # inside the 6 x 6 corner, no white sample
 
 
+def test_an_empty_name_writes_the_sample_commands_own_file_names_into_a_new_folder(tmp_path):
+    names = sample_folder(tmp_path)
+    out = tmp_path / "images" / "tenepochs"  # not there yet
+    assert readme_images.main([str(tmp_path), "--out", str(out), "--name", "", "--k", "10", "--stride", "1"]) == 0
+    assert sorted(os.listdir(out)) == ["movie.gif", "samples.png"]
+    with open(out / "samples.png", "rb") as a, open(names["samples.png"], "rb") as b:
+        assert a.read() == b.read()
+    with Image.open(out / "movie.gif") as im:
+        assert im.n_frames == N_FRAMES and im.size == (SIDE * 30 + 2,) * 2  # the whole grid, every frame
+
+
 def test_a_folder_without_samples_is_one_line(tmp_path, capsys):
     assert readme_images.main([str(tmp_path), "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
