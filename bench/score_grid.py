@@ -21,6 +21,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import metrics  # noqa: E402
 import ncsn  # noqa: E402
 from common import NCSNError  # noqa: E402
 
@@ -69,7 +70,7 @@ def read_grid(path, n=None):
 
 def score_row(name, scores):
     shares = scores["class_shares"]
-    kid = "" if scores["kid_se"] is None else f"{scores['kid']:.3g} ± {scores['kid_se']:.2g}"
+    kid = "" if scores["kid"] is None else metrics.kid_text(scores["kid"], scores["kid_se"], "±")
     return (f"| {name} | {scores['n_images']} | {scores['fid']:.1f} | {kid} | {scores['inception_score']:.2f} | "
             f"{scores['mean_confidence']:.3f} | {100 * min(shares):.0f}%-{100 * max(shares):.0f}% | "
             f"{100 * scores['white_share']:.0f}% |")

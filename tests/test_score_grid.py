@@ -47,7 +47,7 @@ def test_a_grid_reads_back_digit_for_digit_and_scores_as_its_tensor(tmp_path, mo
                                       metrics.to_unit(test_u8))
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     assert cells[1] == "12" and cells[2] == f"{expected['fid']:.1f}" and cells[4] == f"{expected['inception_score']:.2f}"
-    assert cells[3] == f"{expected['kid']:.3g} ± {expected['kid_se']:.2g}"
+    assert cells[3] == metrics.kid_text(expected["kid"], expected["kid_se"], "±") and " ± " in cells[3]
     assert cells[5] == f"{expected['mean_confidence']:.3f}"
 
 
