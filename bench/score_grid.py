@@ -24,9 +24,7 @@ sys.path.insert(0, REPO)
 import metrics  # noqa: E402
 import ncsn  # noqa: E402
 from common import NCSNError  # noqa: E402
-
-CELL = 28  # MNIST's side in pixels
-PAD = 2    # make_grid's default padding, as --sample and --eval write their grids
+from readme_images import CELL, PAD  # noqa: E402  (28-pixel cells, make_grid's 2-pixel gaps, as --sample writes)
 
 
 def grid_shape(size, what):
@@ -38,14 +36,6 @@ def grid_shape(size, what):
     return (height - PAD) // (CELL + PAD), (width - PAD) // (CELL + PAD)
 
 
-def between_cells(length):
-    """(length,) bool: True on the rows (or columns) of a grid that lie between its cells."""
-    inside = torch.zeros(length, dtype=torch.bool)
-    for start in range(PAD, length, CELL + PAD):
-        inside[start:start + CELL] = True
-    return ~inside
-
-
 def read_grid(path, n=None):
     """The digits of a grid picture, row by row, as float images (N, 1, 28, 28) in [0, 1]; the first n if given."""
     with Image.open(path) as im:
@@ -55,11 +45,11 @@ def read_grid(path, n=None):
         raise NCSNError(f"{path} has colour; the grids of --sample and --eval are grey: give one of those")
     grey = torch.from_numpy(pixels[..., 0].copy())  # (H, W)
     step = CELL + PAD
-    gaps = between_cells(grey.shape[0]).unsqueeze(1) | between_cells(grey.shape[1]).unsqueeze(0)  # (H, W)
-    if grey[gaps].any():
+    body = grey[PAD:, PAD:].view(rows, step, cols, step)  # each cell followed by its gap below and to its right
+    if grey[:PAD].any() or grey[:, :PAD].any() or body[:, CELL:].any() or body[:, :, :, CELL:].any():
         raise NCSNError(f"{path} has light pixels between its {CELL} x {CELL} cells, so it is not a make_grid "
                         f"picture with {PAD}-pixel gaps; give a samples.png as --sample or --eval writes it")
-    cells = grey[PAD:, PAD:].unfold(0, CELL, step).unfold(1, CELL, step)  # (rows, cols, 28, 28)
+    cells = body[:, :CELL, :, :CELL].permute(0, 2, 1, 3)  # (rows, cols, 28, 28)
     images = cells.reshape(rows * cols, 1, CELL, CELL).float() / 255  # (N, 1, 28, 28)
     if n is not None:
         if not 2 <= n <= len(images):
